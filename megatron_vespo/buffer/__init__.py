@@ -1,0 +1,1 @@
+"""buffer component of megatron_vespo."""

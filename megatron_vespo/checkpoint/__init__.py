@@ -1,0 +1,1 @@
+"""checkpoint component of megatron_vespo."""

@@ -1,0 +1,63 @@
+"""The ``megatron-vespo`` console entry point.
+
+Subcommands are contributed by components: each module listed in ``_COMPONENT_CLIS``
+defines ``register(subparsers)`` and keeps heavy imports inside its handlers, so
+``megatron-vespo --help`` works with torch alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from megatron_vespo import __version__
+
+_COMPONENT_CLIS = (
+    "megatron_vespo.config.cli",
+    "megatron_vespo.losses.cli",
+    "megatron_vespo.rollout.cli",
+    "megatron_vespo.checkpoint.cli",
+    "megatron_vespo.train.cli",
+    "megatron_vespo.orchestration.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every available component's subcommands."""
+    parser = argparse.ArgumentParser(prog="megatron-vespo", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"megatron_vespo {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMPONENT_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # component has no CLI (yet)
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from megatron_vespo.config.base import ConfigError
+
+    try:
+        rc = args.func(args)
+    except ConfigError as exc:
+        logging.getLogger("megatron_vespo").error("%s", exc)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""compat component of megatron_vespo."""

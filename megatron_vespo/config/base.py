@@ -1,0 +1,110 @@
+"""Config plumbing: YAML files plus dotted CLI overrides, validated by pydantic.
+
+Each component owns its config class (``losses.config.LossConfig``,
+``train.config.TrainConfig`` ...); ``config.job.JobConfig`` composes them. We use
+pydantic (a well-kept library) for type checking, unknown-key rejection and
+``Literal`` choices; this module only adds YAML loading, ``key.sub=value``
+overrides and error messages that name the dotted key to change.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file) to fix."""
+
+
+class Section(BaseModel):
+    """Base class of every component config: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``"train.lr=1e-6"`` into (["train", "lr"], 1e-6); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. train.lr=1e-6)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with every ``key.sub=value`` override applied."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{'.'.join(path[: i + 1])}' is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the component's config class for valid keys)"
+        elif err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"  {key}: {msg}")
+    return f"invalid config{source}:\n" + "\n".join(lines)
+
+
+def validate(cls: type[M], data: dict, source: str = "") -> M:
+    """Build ``cls`` from a plain dict, raising ConfigError that names each bad key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, f" ({source})" if source else "")) from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping from ``path`` (an empty file is an empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[M], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> M:
+    """Load ``cls`` from an optional YAML file plus dotted overrides."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    source = str(path) if path is not None else "overrides"
+    return validate(cls, data, source)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """Render a config as YAML (what a run records next to its outputs)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

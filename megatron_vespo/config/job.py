@@ -1,0 +1,44 @@
+"""``JobConfig``: the whole run, composed of the sections each component owns."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from megatron_vespo.checkpoint.config import CheckpointConfig
+from megatron_vespo.config.base import Section
+from megatron_vespo.data.config import DataConfig
+from megatron_vespo.fp8.config import FP8Config
+from megatron_vespo.losses.config import LossConfig
+from megatron_vespo.models.config import ModelConfig
+from megatron_vespo.observability.config import LoggingConfig
+from megatron_vespo.orchestration.config import LoopConfig
+from megatron_vespo.rollout.config import RolloutConfig
+from megatron_vespo.routing.config import RoutingReplayConfig
+from megatron_vespo.train.config import ParallelConfig, TrainConfig
+
+
+class JobConfig(Section):
+    """One RL job; every YAML under ``examples/`` validates against this."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    routing: RoutingReplayConfig = Field(default_factory=RoutingReplayConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    fp8: FP8Config = Field(default_factory=FP8Config)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobConfig":
+        if self.routing.mode == "R3" and not self.rollout.return_routed_experts:
+            raise ValueError("routing.mode=R3 replays the rollout engine's routes: set "
+                             "rollout.return_routed_experts=true")
+        if self.train.rollout_batch_size % self.rollout.n_samples_per_prompt:
+            raise ValueError(f"train.rollout_batch_size ({self.train.rollout_batch_size}) must be a multiple "
+                             f"of rollout.n_samples_per_prompt ({self.rollout.n_samples_per_prompt}) so "
+                             "groups stay whole")
+        return self

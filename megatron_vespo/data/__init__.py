@@ -1,0 +1,1 @@
+"""data component of megatron_vespo."""

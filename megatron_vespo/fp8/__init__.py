@@ -1,0 +1,1 @@
+"""fp8 component of megatron_vespo."""

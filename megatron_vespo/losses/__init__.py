@@ -1,0 +1,1 @@
+"""losses component of megatron_vespo."""

@@ -1,0 +1,48 @@
+"""Config of the policy loss (owned by ``losses/``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field, field_validator
+
+from megatron_vespo.config.base import Section
+
+AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+class RolloutISConfig(Section):
+    """Train/inference mismatch correction weights (TIS / MIS) from rollout vs training log-probs.
+
+    ``level``: token or sequence; ``mode``: ``truncate`` clamps weights at ``threshold``
+    (TIS), ``mask`` drops tokens/sequences whose weight leaves [``lower``, ``threshold``] (MIS).
+    """
+
+    enabled: bool = False
+    level: Literal["token", "sequence"] = "token"
+    mode: Literal["truncate", "mask"] = "truncate"
+    threshold: float = Field(2.0, gt=0)
+    lower: Optional[float] = Field(None, ge=0)
+
+
+class LossConfig(Section):
+    """Which registered policy loss to use and its parameters.
+
+    ``params`` are passed to the loss as keyword arguments (e.g. VESPO's ``c1_pos``);
+    unknown names are rejected when the loss is called.
+    """
+
+    name: str = "vespo"
+    params: dict[str, Any] = Field(default_factory=dict)
+    loss_agg_mode: Optional[AggMode] = None
+    rollout_is: RolloutISConfig = Field(default_factory=RolloutISConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        from megatron_vespo.losses import available_losses  # lazy: the registry fills on import
+
+        known = available_losses()
+        if known and name not in known:
+            raise ValueError(f"unknown loss '{name}'; available: {', '.join(sorted(known))}")
+        return name

@@ -1,0 +1,1 @@
+"""models component of megatron_vespo."""

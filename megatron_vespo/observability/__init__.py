@@ -1,0 +1,1 @@
+"""observability component of megatron_vespo."""

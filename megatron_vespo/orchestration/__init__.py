@@ -1,0 +1,1 @@
+"""orchestration component of megatron_vespo."""

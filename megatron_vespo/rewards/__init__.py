@@ -1,0 +1,1 @@
+"""rewards component of megatron_vespo."""

@@ -1,0 +1,1 @@
+"""rollout component of megatron_vespo."""

@@ -1,0 +1,1 @@
+"""routing component of megatron_vespo."""

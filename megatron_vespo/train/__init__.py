@@ -1,0 +1,1 @@
+"""train component of megatron_vespo."""

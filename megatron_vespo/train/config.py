@@ -1,0 +1,75 @@
+"""Config of the Megatron actor: parallel layout and optimisation (owned by ``train/``).
+
+Field names follow Megatron-Core (``tensor_model_parallel_size``, ``moe_*``) so they can be
+passed through to ``TransformerConfig`` / ``parallel_state`` unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from megatron_vespo.config.base import Section
+
+
+class ParallelConfig(Section):
+    """Model-parallel layout (Megatron-Core names). World size = TP * PP * CP * DP."""
+
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+    expert_model_parallel_size: int = Field(1, ge=1)
+    expert_tensor_parallel_size: Optional[int] = Field(None, ge=1)
+    context_parallel_size: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+    moe_token_dispatcher_type: Literal["allgather", "alltoall", "flex"] = "alltoall"
+    use_distributed_optimizer: bool = True
+
+    @model_validator(mode="after")
+    def _sp_with_tp(self) -> "ParallelConfig":
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+        return self
+
+
+class TrainConfig(Section):
+    """Optimisation and the staleness schedule.
+
+    One rollout batch of ``rollout_batch_size`` samples is consumed in
+    N = rollout_batch_size / mini_batch_size optimizer updates (the paper's staleness);
+    each mini-batch is split into micro-batches of ``micro_batch_size``.
+    """
+
+    rollout_batch_size: int = Field(8, ge=1)
+    mini_batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    lr: float = Field(1e-6, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = Field(1.0, ge=0)
+    old_log_prob_source: Literal["recompute", "rollout"] = "recompute"
+    train_iters: int = Field(1, ge=1)
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "TrainConfig":
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(f"train.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                             f"train.mini_batch_size ({self.mini_batch_size})")
+        n = self.rollout_batch_size // self.mini_batch_size
+        if n > 64:
+            raise ValueError(f"staleness N = rollout_batch_size / mini_batch_size = {n} exceeds 64")
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ValueError(f"train.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                             f"train.micro_batch_size ({self.micro_batch_size})")
+        return self
+
+    @property
+    def staleness(self) -> int:
+        """N: optimizer updates per rollout batch."""
+        return self.rollout_batch_size // self.mini_batch_size

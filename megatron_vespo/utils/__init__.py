@@ -1,0 +1,1 @@
+"""Small shared helpers (guarded imports, atomic file writes)."""
