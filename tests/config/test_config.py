@@ -1,0 +1,105 @@
+"""Config system: YAML + dotted overrides, errors that name the key, every example validates."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_vespo.config import ConfigError, apply_overrides, dump_config, load_config
+from megatron_vespo.config.job import JobConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
+
+
+def test_defaults_validate():
+    cfg = JobConfig()
+    assert cfg.parallel.tensor_model_parallel_size == 1
+    assert cfg.train.staleness == 1
+
+
+def test_overrides_apply_with_yaml_types(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("train:\n  lr: 1.0e-6\n  rollout_batch_size: 64\n  mini_batch_size: 8\n")
+    cfg = load_config(JobConfig, p, ["train.lr=2e-6", "parallel.expert_model_parallel_size=2",
+                                     "routing.mode=R2", "loss.params={c1_pos: 1.5}"])
+    assert cfg.train.lr == 2e-6
+    assert cfg.train.staleness == 8
+    assert cfg.parallel.expert_model_parallel_size == 2
+    assert cfg.routing.mode == "R2"
+    assert cfg.loss.params == {"c1_pos": 1.5}
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.lrr: unknown key"):
+        load_config(JobConfig, None, ["train.lrr=1e-6"])
+
+
+def test_bad_choice_names_key_and_allowed_values():
+    with pytest.raises(ConfigError) as exc:
+        load_config(JobConfig, None, ["routing.mode=R4"])
+    msg = str(exc.value)
+    assert "routing.mode" in msg and "'R2'" in msg and "'R3'" in msg and "R4" in msg
+
+
+def test_bad_type_names_key():
+    with pytest.raises(ConfigError, match=r"parallel\.tensor_model_parallel_size"):
+        load_config(JobConfig, None, ["parallel.tensor_model_parallel_size=two"])
+
+
+def test_cross_field_errors_name_fields():
+    with pytest.raises(ConfigError, match="mini_batch_size"):
+        load_config(JobConfig, None, ["train.rollout_batch_size=12", "train.mini_batch_size=8"])
+    with pytest.raises(ConfigError, match="exceeds 64"):
+        load_config(JobConfig, None, ["train.rollout_batch_size=1040", "train.mini_batch_size=8",
+                                      "rollout.n_samples_per_prompt=8"])
+    with pytest.raises(ConfigError, match="return_routed_experts"):
+        load_config(JobConfig, None, ["routing.mode=R3"])
+    with pytest.raises(ConfigError, match="sequence_parallel"):
+        load_config(JobConfig, None, ["parallel.sequence_parallel=true"])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"train": 3}, ["train.lr=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(JobConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_config(JobConfig, bad)
+
+
+def test_unknown_loss_lists_known_ones():
+    with pytest.raises(ConfigError) as exc:
+        load_config(JobConfig, None, ["loss.name=nope"])
+    assert "vespo" in str(exc.value) and "grpo" in str(exc.value)
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(JobConfig, None, ["train.lr=3e-6"])
+    p = tmp_path / "dumped.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(JobConfig, p) == cfg
+
+
+def test_examples_exist():
+    assert EXAMPLES, "examples/ must hold job YAMLs"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(ROOT)) for p in EXAMPLES])
+def test_every_example_yaml_validates(path):
+    cfg = load_config(JobConfig, path)
+    assert cfg.train.staleness >= 1
+
+
+def test_cli_config_command(capsys):
+    from megatron_vespo.cli import main
+
+    assert main(["config", "--set", "train.lr=4e-6"]) == 0
+    assert "lr: 4.0e-06" in capsys.readouterr().out
+    assert main(["config", "--set", "routing.mode=R9"]) == 2
