@@ -1,1 +1,5 @@
-"""data component of megatron_vespo."""
+"""Prompt data: JSONL files or the synthetic task, with resumable order."""
+
+from megatron_vespo.data.prompts import Prompt, PromptDataset, load_jsonl_prompts, synthetic_prompts
+
+__all__ = ["Prompt", "PromptDataset", "load_jsonl_prompts", "synthetic_prompts"]

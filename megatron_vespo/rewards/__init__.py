@@ -1,1 +1,58 @@
-"""rewards component of megatron_vespo."""
+"""Reward functions: a registry ``name -> fn(sample, label) -> float``.
+
+- ``target_token``: fraction of response tokens equal to the label (the synthetic task).
+- ``math``: 1.0 when the response text is mathematically equivalent to the label, verified
+  by the ``math-verify`` library (HF's verifier, used rather than hand-written parsing),
+  else 0.0. Needs ``sample.metadata["response_text"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from megatron_vespo.types import Sample
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[Sample, Any], float]
+_REWARDS: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding a reward function under ``name`` (duplicates are an error)."""
+    def deco(fn: RewardFn) -> RewardFn:
+        if name in _REWARDS:
+            raise ValueError(f"reward '{name}' is already registered")
+        _REWARDS[name] = fn
+        return fn
+    return deco
+
+
+def get_reward(name: str) -> RewardFn:
+    """Look up a reward function; unknown names list the known ones."""
+    if name not in _REWARDS:
+        raise ValueError(f"unknown reward '{name}'; available: {', '.join(sorted(_REWARDS))}")
+    return _REWARDS[name]
+
+
+@register_reward("target_token")
+def target_token_reward(sample: Sample, label: Any) -> float:
+    """Fraction of response tokens equal to ``label`` (0 for an empty response)."""
+    if not sample.response_tokens:
+        return 0.0
+    return sum(int(t == int(label)) for t in sample.response_tokens) / len(sample.response_tokens)
+
+
+@register_reward("math")
+def math_reward(sample: Sample, label: Any) -> float:
+    """1.0 if the response's final answer matches ``label`` per math-verify, else 0.0."""
+    from megatron_vespo.utils.imports import require
+
+    mv = require("math_verify", "the math reward")
+    text = sample.metadata.get("response_text")
+    if text is None:
+        raise ValueError("math reward needs sample.metadata['response_text'] (decode with the tokenizer)")
+    gold = mv.parse(str(label) if str(label).startswith("$") else f"${label}$")
+    pred = mv.parse(text)
+    return float(bool(pred) and mv.verify(gold, pred))
