@@ -1,1 +1,5 @@
-"""observability component of megatron_vespo."""
+"""Metrics: JSONL always, wandb (offline by default) when enabled."""
+
+from megatron_vespo.observability.metrics import MetricsLogger, read_metrics
+
+__all__ = ["MetricsLogger", "read_metrics"]
