@@ -1,0 +1,190 @@
+"""Reading and writing Hugging Face checkpoint directories (safetensors + index + side files).
+
+Readers validate before anything is loaded: the architecture in ``config.json``, that every
+shard the index names exists, and that the tensor names and shapes are exactly those the
+Qwen3-MoE mapping expects. Writers stream tensors into size-limited safetensors shards with a
+``model.safetensors.index.json`` inside a temporary directory that is renamed into place only
+when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from megatron_vespo.checkpoint.mapping import Qwen3MoeDims, expected_hf_names, hf_shape
+from megatron_vespo.utils.imports import require
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+#: files never copied through to an exported HF directory (we write our own weights/index)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+_SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json"}
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+    """Load ``config.json`` of ``hf_dir``; ValueError names the file when it is missing or not JSON."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no config.json (is {hf_dir} a Hugging Face checkpoint directory?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def hf_dims(hf_dir: str | os.PathLike) -> tuple[dict, Qwen3MoeDims]:
+    """``(config dict, dims)`` of an HF directory, validated as Qwen3-MoE."""
+    cfg = read_hf_config(hf_dir)
+    return cfg, Qwen3MoeDims.from_hf_config(cfg, source=str(Path(hf_dir) / "config.json"))
+
+
+class HFCheckpointReader:
+    """Lazy access to the tensors of an HF safetensors checkpoint directory.
+
+    Construction validates the file set; :meth:`validate_tensors` checks names and shapes against
+    the mapping. Tensors are read on demand, one at a time, so a rank only loads what it needs.
+    """
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        self.dir = Path(hf_dir)
+        self._safe_open = require("safetensors", "reading HF checkpoints").safe_open
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map'): {exc}") from exc
+            for shard in sorted(set(weight_map.values())):
+                if not (self.dir / shard).is_file():
+                    raise ValueError(f"{index} lists shard '{shard}' but {self.dir / shard} does not exist "
+                                     "(incomplete download?)")
+            self.weight_map: dict[str, str] = dict(weight_map)
+        elif (self.dir / SINGLE_NAME).is_file():
+            with self._safe_open(str(self.dir / SINGLE_NAME), "pt") as fh:
+                self.weight_map = {k: SINGLE_NAME for k in fh.keys()}
+        else:
+            raise ValueError(f"{self.dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found "
+                             "(only safetensors checkpoints are supported)")
+
+    def keys(self) -> list[str]:
+        """All tensor names in the checkpoint."""
+        return sorted(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor; KeyError names the missing tensor and the directory."""
+        if name not in self.weight_map:
+            raise KeyError(f"tensor '{name}' not found in {self.dir}")
+        path = self.dir / self.weight_map[name]
+        with self._safe_open(str(path), "pt") as fh:
+            if name not in fh.keys():
+                raise ValueError(f"{path}: index says it holds '{name}' but it does not")
+            return fh.get_tensor(name)
+
+    def shape(self, name: str) -> tuple:
+        """Shape of a tensor without reading its data."""
+        with self._safe_open(str(self.dir / self.weight_map[name]), "pt") as fh:
+            return tuple(fh.get_slice(name).get_shape())
+
+    def validate_tensors(self, dims: Qwen3MoeDims) -> None:
+        """Raise ValueError unless the checkpoint holds exactly the expected names with the expected shapes."""
+        expected = expected_hf_names(dims)
+        present = set(self.weight_map)
+        if dims.tie_word_embeddings:
+            present.discard("lm_head.weight")  # some tied checkpoints store it anyway; it is ignored
+        missing, extra = sorted(expected - present), sorted(present - expected)
+        if missing:
+            raise ValueError(f"{self.dir}: {len(missing)} tensors missing, e.g. {missing[:5]} "
+                             "(truncated checkpoint, or config.json does not match the weights?)")
+        if extra:
+            raise ValueError(f"{self.dir}: {len(extra)} unexpected tensors, e.g. {extra[:5]} "
+                             "(not a Qwen3-MoE checkpoint matching config.json?)")
+        for name in sorted(expected):
+            got, want = self.shape(name), hf_shape(name, dims)
+            if got != want:
+                raise ValueError(f"{self.dir / self.weight_map[name]}: tensor '{name}' has shape {list(got)}, "
+                                 f"config.json implies {list(want)}")
+
+
+def copy_side_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy config, tokenizer, generation and template files (everything but weights) from src to dst."""
+    copied = []
+    for p in sorted(Path(src_dir).iterdir()):
+        if p.is_file() and p.name not in _SKIP_NAMES and not p.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(p, Path(dst_dir) / p.name)
+            copied.append(p.name)
+    return copied
+
+
+class ShardedSafetensorsWriter:
+    """Stream ``(name, tensor)`` pairs into safetensors shards of at most ``max_shard_bytes``.
+
+    Shards are written under temporary names and renamed to ``model-0000i-of-0000N.safetensors``
+    by :meth:`finalize`, which also writes the index (HF's naming, so SGLang/transformers find them).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30):
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self._save_file = require("safetensors.torch", "writing HF checkpoints").save_file
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []
+        self._seen: set[str] = set()
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; flushes a shard when adding it would exceed the size limit."""
+        if name in self._seen:
+            raise ValueError(f"tensor '{name}' written twice")
+        self._seen.add(name)
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        # clone: safetensors needs contiguous, non-shared storage, and the caller may reuse buffers
+        self._pending[name] = tensor.detach().to("cpu").contiguous().clone()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def add_all(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Queue every pair of ``pairs``."""
+        for name, tensor in pairs:
+            self.add(name, tensor)
+
+    def _flush(self) -> None:
+        tmp = f".shard-{len(self._shards):05d}.tmp"
+        self._save_file(self._pending, str(self.out_dir / tmp), metadata={"format": "pt"})
+        self._shards.append((tmp, sorted(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finalize(self) -> list[str]:
+        """Write the last shard, rename all shards and write the index; returns the shard file names."""
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        names, weight_map = [], {}
+        for i, (tmp, keys) in enumerate(self._shards):
+            final = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / tmp, self.out_dir / final)
+            names.append(final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def iter_hf_state(reader: HFCheckpointReader,
+                  names: Optional[Iterable[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for ``names`` (default: all) one at a time."""
+    for name in names if names is not None else reader.keys():
+        yield name, reader.get(name)
