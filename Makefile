@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 lint: install
-	$(VENV)/bin/ruff check megatron_vespo tests tools
+	$(VENV)/bin/ruff check .
 
 test: install lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
