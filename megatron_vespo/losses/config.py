@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from megatron_vespo.config.base import Section
 
@@ -29,7 +29,8 @@ class LossConfig(Section):
     """Which registered policy loss to use and its parameters.
 
     ``params`` are passed to the loss as keyword arguments (e.g. VESPO's ``c1_pos``);
-    unknown names are rejected when the loss is called.
+    unknown names, non-numeric values and a ``loss_agg_mode`` the loss cannot use are
+    rejected when the config is validated (and again when the loss is called).
     """
 
     name: str = "vespo"
@@ -46,3 +47,12 @@ class LossConfig(Section):
         if known and name not in known:
             raise ValueError(f"unknown loss '{name}'; available: {', '.join(sorted(known))}")
         return name
+
+    @model_validator(mode="after")
+    def _known_params(self) -> "LossConfig":
+        from megatron_vespo.losses import get_loss
+
+        spec = get_loss(self.name)
+        spec.check_params(self.params)
+        spec.resolve_agg_mode(self.loss_agg_mode)
+        return self
