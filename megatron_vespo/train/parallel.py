@@ -1,0 +1,165 @@
+"""Process-group setup and teardown for the Megatron actor.
+
+``init_parallel(parallel, seed)`` brings up ``torch.distributed`` (NCCL with CUDA, gloo on
+CPU, after applying the CPU compatibility patches), Megatron's ``parallel_state`` groups from
+a ``ParallelConfig`` and the model-parallel RNG seeds. ``destroy_parallel()`` undoes it, so
+one process can build several layouts in sequence (tests, benchmarks).
+
+Single-process use needs no launcher: without ``RANK``/``WORLD_SIZE`` in the environment a
+1-process group on a free local port is created.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+
+from megatron_vespo.config.base import ConfigError
+from megatron_vespo.train.config import ParallelConfig
+from megatron_vespo.utils.imports import require
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    """This rank's coordinates in the layout (what the actor and routing replay need)."""
+
+    world_size: int
+    rank: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    ep_rank: int
+    ep_size: int
+    dp_rank: int
+    dp_size: int
+    cp_size: int
+    sequence_parallel: bool
+    device: torch.device
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on localhost."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def default_backend() -> str:
+    """``nccl`` when CUDA is present, else ``gloo``."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _init_process_group(backend: str, timeout_minutes: int) -> None:
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])) % torch.cuda.device_count())
+    torch.distributed.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def init_parallel(parallel: ParallelConfig, seed: int = 1234, *, backend: Optional[str] = None,
+                  timeout_minutes: int = 30) -> ParallelInfo:
+    """Initialise torch.distributed + Megatron parallel_state for ``parallel`` and seed RNGs.
+
+    Idempotent for the same layout; raises ConfigError if a different layout is already
+    initialised (call ``destroy_parallel()`` first) or the world size does not fit.
+    """
+    require("megatron.core", "the Megatron actor")
+    from megatron.core import parallel_state
+
+    from megatron_vespo.compat.cpu import apply_cpu_compat
+
+    backend = backend or default_backend()
+    if backend == "gloo":
+        apply_cpu_compat()
+    _init_process_group(backend, timeout_minutes)
+    world = torch.distributed.get_world_size()
+    tp, pp, ep = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                  parallel.expert_model_parallel_size)
+    etp = parallel.expert_tensor_parallel_size or tp
+    cp = parallel.context_parallel_size
+    if world % (tp * pp * cp):
+        raise ConfigError(f"world size {world} is not a multiple of parallel.tensor_model_parallel_size * "
+                          f"pipeline_model_parallel_size * context_parallel_size = {tp * pp * cp}")
+    if world % (etp * ep * pp):
+        raise ConfigError(f"world size {world} is not a multiple of parallel.expert_tensor_parallel_size * "
+                          f"expert_model_parallel_size * pipeline_model_parallel_size = {etp * ep * pp} "
+                          "(set parallel.expert_tensor_parallel_size=1 to combine TP and EP)")
+    if parallel_state.model_parallel_is_initialized():
+        same = (parallel_state.get_tensor_model_parallel_world_size() == tp
+                and parallel_state.get_pipeline_model_parallel_world_size() == pp
+                and parallel_state.get_expert_model_parallel_world_size() == ep)
+        if not same:
+            raise ConfigError("a different parallel layout is already initialised; call destroy_parallel() first")
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+    seed_everything(seed)
+    info = parallel_info(parallel)
+    logger.info("parallel layout: %s", info)
+    return info
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python/torch and Megatron's model-parallel RNG tracker (TP/EP-rank offsets)."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    # inference_rng_tracker: the plain tracker without TE's CUDA-graph variant; with the CPU
+    # compat layer its states live on the CPU generator.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, te_rng_tracker=False, force_reset_rng=True)
+
+
+def parallel_info(parallel: ParallelConfig) -> ParallelInfo:
+    """Coordinates of this rank in the initialised layout."""
+    from megatron.core import parallel_state as ps
+
+    return ParallelInfo(
+        world_size=torch.distributed.get_world_size(),
+        rank=torch.distributed.get_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        cp_size=ps.get_context_parallel_world_size(),
+        sequence_parallel=parallel.sequence_parallel,
+        device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+        else torch.device("cpu"),
+    )
+
+
+def destroy_parallel(destroy_process_group: bool = False) -> None:
+    """Tear down Megatron groups and routing-replay globals (and optionally torch.distributed)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    RouterReplay.clear_global_router_replay_instances()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if destroy_process_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
