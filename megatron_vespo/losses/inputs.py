@@ -110,6 +110,24 @@ def _dense_groups(group_index: Union[torch.Tensor, Sequence[int]], batch: int, d
     return dense.to(torch.int64), int(uniq.numel())
 
 
+def _sequence_advantages(adv: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor, loss_name: str) -> torch.Tensor:
+    """[B, 1] one advantage per row; rejects rows whose valid tokens disagree; 0 for empty rows."""
+    zero = torch.zeros((), dtype=adv.dtype, device=adv.device)
+    if adv.shape[-1] == 1:
+        seq = adv[:, 0]
+    else:
+        seq = masked_row_sum(adv, valid) / mask.sum(dim=-1).clamp(min=1)
+        dev = torch.where(valid, (adv - seq.unsqueeze(-1)).abs(), zero).amax(dim=-1)
+        bad = dev > _ADV_RTOL * (1.0 + seq.abs())
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).flatten()[:5].tolist()
+            raise ValueError(f"advantages vary along T within rows {rows}: loss '{loss_name}' is sequence-level and "
+                             "needs one advantage per sequence (pass a [B] tensor or a row-constant [B, T] one)")
+    # An empty row trains no token; zeroing its advantage keeps per-row reductions (GMPO) equal to
+    # the reference, which averages A * mask over the row.
+    return torch.where(valid.any(dim=-1), seq, zero).unsqueeze(-1)
+
+
 def build_input(
     *,
     log_prob: torch.Tensor,
@@ -169,15 +187,8 @@ def build_input(
     elif needs_group:
         raise ValueError(f"loss '{loss_name}' normalises within prompt groups: pass group_index ([B] ints)")
 
-    if sequence_level and adv.shape[-1] != 1:
-        seq = masked_row_sum(adv, valid) / mask.sum(dim=-1).clamp(min=1)
-        dev = torch.where(valid, (adv - seq.unsqueeze(-1)).abs(), torch.zeros((), dtype=adv.dtype, device=adv.device))
-        tol = _ADV_RTOL * (1.0 + seq.abs())
-        if bool((dev.amax(dim=-1) > tol).any()):
-            rows = torch.nonzero(dev.amax(dim=-1) > tol).flatten()[:5].tolist()
-            raise ValueError(f"advantages vary along T within rows {rows}: loss '{loss_name}' is sequence-level and "
-                             "needs one advantage per sequence (pass a [B] tensor or a row-constant [B, T] one)")
-        adv = seq.unsqueeze(-1)
+    if sequence_level:
+        adv = _sequence_advantages(adv, valid, mask, loss_name)
     return PolicyLossInput(
         log_prob=log_prob, old_log_prob=old_log_prob, advantages=adv, mask=mask, valid=valid,
         rollout_is_weights=rollout_is_weights, group_index=dense, num_groups=num_groups,

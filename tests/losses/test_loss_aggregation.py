@@ -1,0 +1,126 @@
+"""Aggregation modes and the micro-batch ``global_denominator`` contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_vespo.losses import (
+    AGG_MODES,
+    agg_loss,
+    available_losses,
+    compute_policy_loss,
+    get_loss,
+    local_denominator,
+    loss_denominator,
+)
+
+
+def _rand(B=5, T=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    loss = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([7, 0, 3, 1, 5])[:B]
+    mask = torch.arange(T) < lengths.unsqueeze(1)
+    return loss, mask, lengths
+
+
+def test_agg_modes_by_hand():
+    loss, mask, n = _rand()
+    masked = loss * mask
+    assert agg_loss(loss, mask, "token-mean").item() == pytest.approx(masked.sum().item() / n.sum().item())
+    rows = masked.sum(-1)[n > 0]
+    assert agg_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx(rows.mean().item())
+    means = (masked.sum(-1)[n > 0] / n[n > 0])
+    assert agg_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx(means.mean().item())
+    assert agg_loss(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx(masked.sum().item() / 7)
+    assert agg_loss(loss, mask, "token-mean", global_denominator=100).item() == pytest.approx(masked.sum().item() / 100)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_masked_inf_and_nan_neither_leak_nor_poison_gradients(mode):
+    loss, mask, _ = _rand()
+    loss = loss.clone().requires_grad_(True)
+    poisoned = torch.where(mask, loss, torch.tensor(float("nan"), dtype=loss.dtype))
+    out = agg_loss(poisoned, mask, mode)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(loss.grad).all() and (loss.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_all_masked_rows_and_batches_are_harmless(mode):
+    loss, mask, _ = _rand()
+    assert agg_loss(loss, torch.zeros_like(mask), mode).item() == 0.0
+    # Adding all-masked rows changes nothing.
+    more = torch.cat([loss, torch.randn(3, 7, dtype=loss.dtype)])
+    more_mask = torch.cat([mask, torch.zeros(3, 7, dtype=torch.bool)])
+    assert agg_loss(more, more_mask, mode).item() == pytest.approx(agg_loss(loss, mask, mode).item(), abs=1e-14)
+
+
+def test_bad_modes_and_denominators():
+    loss, mask, _ = _rand()
+    with pytest.raises(ValueError, match="mode='token_mean' is not an aggregation mode"):
+        agg_loss(loss, mask, "token_mean")
+    with pytest.raises(ValueError, match="global_denominator must be > 0"):
+        agg_loss(loss, mask, "token-mean", global_denominator=0)
+    with pytest.raises(ValueError, match=r"must both be \[B, T\]"):
+        agg_loss(loss, mask[:, :3], "token-mean")
+    with pytest.raises(ValueError, match="fixed length"):
+        local_denominator(mask, "seq-mean-token-sum-norm")
+    assert local_denominator(mask, "token-mean") == 16.0
+    assert local_denominator(mask, "seq-mean-token-mean") == 4.0
+
+
+def _modes(name):
+    spec = get_loss(name)
+    return list(AGG_MODES) if spec.reduction == "agg" else [None]
+
+
+CASES = [(n, m) for n in available_losses() for m in _modes(n)]
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+def test_micro_batches_with_global_denominator_sum_to_the_mini_batch(name, mode, batch_factory):
+    """Split 12 rows (4 groups of 3) into 3 micro-batches with their own padding; sum == whole batch."""
+    b = batch_factory(B=12, T=10, groups=4, seed=7, delta_scale=0.4, tis=True)
+    whole, _ = compute_policy_loss(name, **b.kwargs(loss_agg_mode=mode))
+    (whole_grad,) = torch.autograd.grad(whole, b.log_prob)
+
+    splits = [slice(0, 3), slice(3, 9), slice(9, 12)]  # whole groups in each micro-batch
+    if mode == "seq-mean-token-sum-norm":
+        denom = float(b.mask.shape[1])  # a constant length, not a sum of counts
+    else:
+        denom = sum(loss_denominator(name, b.mask[s], loss_agg_mode=mode, group_index=b.group_index[s])
+                    for s in splits)
+    lp = b.log_prob.detach().clone().requires_grad_(True)
+    total = 0.0
+    for s in splits:
+        t_max = int(b.mask[s].sum(-1).max().clamp(min=1))  # trim padding: micro-batches differ in T
+        kw = dict(log_prob=lp[s, :t_max], old_log_prob=b.old_log_prob[s, :t_max], advantages=b.advantages[s],
+                  response_mask=b.mask[s, :t_max], rollout_is_weights=b.rollout_is_weights[s, :t_max],
+                  loss_agg_mode=mode, global_denominator=denom)
+        if get_loss(name).needs_group:
+            kw.update(group_index=b.group_index[s], group_size=3)
+        loss, _ = compute_policy_loss(name, **kw)
+        total = total + loss
+    total.backward()
+    torch.testing.assert_close(total, whole, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lp.grad, whole_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_global_denominator_accepts_tensors(batch_factory):
+    b = batch_factory()
+    a, _ = compute_policy_loss("vespo", **b.kwargs(global_denominator=17.0))
+    c, _ = compute_policy_loss("vespo", **b.kwargs(global_denominator=torch.tensor(17.0)))
+    assert a.item() == pytest.approx(c.item(), abs=1e-15)
+
+
+def test_loss_denominator_per_reduction(batch_factory):
+    b = batch_factory(B=8, groups=4)
+    assert loss_denominator("vespo", b.mask) == float(b.mask.sum())
+    assert loss_denominator("gspo", b.mask) == float(b.mask.any(-1).sum())  # seq-mean-token-mean default
+    assert loss_denominator("gmpo", b.mask) == 8.0
+    assert loss_denominator("gepo", b.mask, group_index=b.group_index) == 4.0
+    with pytest.raises(ValueError, match="pass group_index"):
+        loss_denominator("gepo", b.mask)
+    with pytest.raises(ValueError, match="leave loss_agg_mode unset"):
+        loss_denominator("gmpo", b.mask, loss_agg_mode="token-mean")
