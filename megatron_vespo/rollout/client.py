@@ -1,0 +1,316 @@
+"""Async HTTP client of an SGLang server (or our embedded CPU server, same protocol).
+
+One client per engine URL. Requests share an ``httpx.AsyncClient`` and a semaphore
+(``max_concurrency`` in flight). Connection errors and 5xx answers are retried with exponential
+backoff; a timeout is not retried (the engine may still be generating) and raises
+:class:`EngineTimeoutError` naming the URL. ``generate`` returns :class:`~megatron_vespo.types.Sample`
+objects, flagged rather than raised when the engine's data is inconsistent (see ``protocol``).
+
+Endpoint names and bodies follow sglang 0.5.23 ``entrypoints/http_server.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from megatron_vespo.rollout.config import RolloutConfig, SamplingConfig
+from megatron_vespo.rollout.protocol import build_generate_payload, response_to_sample
+from megatron_vespo.rollout.routes import RouteSpec
+from megatron_vespo.types import Sample
+from megatron_vespo.utils.imports import require
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutEngineError(RuntimeError):
+    """The rollout engine failed a request; the message names the URL."""
+
+
+class EngineUnreachableError(RolloutEngineError, ConnectionError):
+    """No connection to the engine (not started, wrong URL, crashed)."""
+
+
+class EngineTimeoutError(RolloutEngineError, TimeoutError):
+    """The engine did not answer within the timeout."""
+
+
+class EngineHTTPError(RolloutEngineError):
+    """The engine answered with an error status."""
+
+    def __init__(self, message: str, status_code: int, body: str):
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body
+
+
+class SGLangClient:
+    """Client of one engine at ``url`` (``http://host:port``).
+
+    Args:
+        url: engine base URL.
+        route_spec: route shape of the served model; needed when ``return_routed_experts``.
+        return_routed_experts: request routes (R3) and flag samples whose routes are bad.
+        max_concurrency: requests in flight at once from this client.
+        timeout_s: per-request timeout (connect + read).
+        max_retries / backoff_s: retries on connection errors and 5xx, delay ``backoff_s * 2**i``.
+        flag_retracted: see ``RolloutConfig.flag_retracted``.
+        transport: optional ``httpx`` transport (tests pass ``httpx.MockTransport``).
+    """
+
+    def __init__(self, url: str, *, route_spec: Optional[RouteSpec] = None, return_routed_experts: bool = False,
+                 max_concurrency: int = 64, timeout_s: float = 600.0, max_retries: int = 3,
+                 backoff_s: float = 0.5, flag_retracted: bool = True, transport: Any = None):
+        httpx = require("httpx", "the rollout client")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"engine url must start with http:// or https://, got {url!r}")
+        if return_routed_experts and route_spec is None:
+            raise ValueError(f"return_routed_experts=True for {url} needs route_spec "
+                             "(RouteSpec.from_hf_config(model_path) or await client.fetch_route_spec())")
+        self.url = url.rstrip("/")
+        self.route_spec = route_spec
+        self.return_routed_experts = return_routed_experts
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.flag_retracted = flag_retracted
+        self.outstanding = 0
+        self.policy_version = 0
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), trust_env=False, transport=transport,
+                                       limits=httpx.Limits(max_connections=max_concurrency))
+        self._httpx = httpx
+        self._seq = itertools.count()
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, url: str, route_spec: Optional[RouteSpec] = None) -> "SGLangClient":
+        """Client configured from a ``RolloutConfig``."""
+        return cls(url, route_spec=route_spec, return_routed_experts=cfg.return_routed_experts,
+                   max_concurrency=cfg.max_concurrency, timeout_s=cfg.request_timeout_s,
+                   max_retries=cfg.max_retries, backoff_s=cfg.retry_backoff_s, flag_retracted=cfg.flag_retracted)
+
+    async def __aenter__(self) -> "SGLangClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
+        await self._http.aclose()
+
+    # ---------------------------------------------------------------- transport
+    async def request(self, method: str, path: str, json: Any = None, retry: bool = True) -> Any:
+        """Send one request; returns parsed JSON (or text). Raises ``RolloutEngineError`` subclasses."""
+        url = f"{self.url}{path}"
+        attempts = self.max_retries + 1 if retry else 1
+        last: Optional[Exception] = None
+        for attempt in range(attempts):
+            if attempt:
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                logger.warning("retrying %s %s in %.2fs (attempt %d/%d): %s", method, url, delay, attempt + 1,
+                               attempts, last)
+                await asyncio.sleep(delay)
+            try:
+                async with self._sem:
+                    resp = await self._http.request(method, url, json=json)
+            except self._httpx.TimeoutException as exc:
+                raise EngineTimeoutError(f"{method} {url} timed out after {self.timeout_s}s "
+                                         f"({type(exc).__name__}); is the engine overloaded or hung?") from exc
+            except (self._httpx.TransportError, OSError) as exc:
+                last = EngineUnreachableError(f"cannot reach rollout engine at {url}: {type(exc).__name__}: {exc}")
+                continue
+            if resp.status_code >= 500:
+                last = EngineHTTPError(f"{method} {url} -> HTTP {resp.status_code}: {resp.text[:500]}",
+                                       resp.status_code, resp.text)
+                continue
+            if resp.status_code >= 400:
+                raise EngineHTTPError(f"{method} {url} -> HTTP {resp.status_code}: {resp.text[:500]}",
+                                      resp.status_code, resp.text)
+            if "json" in resp.headers.get("content-type", ""):
+                return resp.json()
+            return resp.text
+        assert last is not None
+        raise last
+
+    # ---------------------------------------------------------------- generation
+    async def generate(self, prompt_tokens: Sequence[int], sampling: SamplingConfig | Mapping[str, Any], *,
+                       rid: Optional[str] = None, group_index: int = 0,
+                       routed_experts_start_len: int = 0, prefix_routes: Optional[torch.Tensor] = None,
+                       metadata: Optional[Mapping[str, Any]] = None) -> Sample:
+        """Generate one response for ``prompt_tokens`` and return it as a ``Sample``.
+
+        ``sampling`` is a ``SamplingConfig`` (its ``sampling_seed`` is a base seed: this call
+        uses ``sampling_seed + k`` for the client's k-th request) or a raw SGLang
+        ``sampling_params`` dict sent unchanged. ``rid`` (default: random) can be passed to
+        ``abort_request``.
+        """
+        k = next(self._seq)
+        if isinstance(sampling, SamplingConfig):
+            seed = None if sampling.sampling_seed is None else sampling.sampling_seed + k
+            params = sampling.to_sglang(seed)
+        else:
+            params = dict(sampling)
+        rid = rid or uuid.uuid4().hex
+        payload = build_generate_payload(prompt_tokens, params, rid=rid,
+                                         return_routed_experts=self.return_routed_experts,
+                                         routed_experts_start_len=routed_experts_start_len)
+        self.outstanding += 1
+        try:
+            resp = await self.request("POST", "/generate", json=payload)
+        finally:
+            self.outstanding -= 1
+        if not isinstance(resp, Mapping):
+            raise EngineHTTPError(f"POST {self.url}/generate returned {type(resp).__name__}, expected a JSON "
+                                  "object", 200, str(resp)[:500])
+        md = {"engine_url": self.url, **(metadata or {})}
+        return response_to_sample(resp, prompt_tokens, route_spec=self.route_spec,
+                                  expect_routes=self.return_routed_experts,
+                                  routed_experts_start_len=routed_experts_start_len, prefix_routes=prefix_routes,
+                                  flag_retracted=self.flag_retracted, default_policy_version=self.policy_version,
+                                  group_index=group_index, metadata=md)
+
+    async def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | Mapping[str, Any],
+                             n_samples_per_prompt: int = 1) -> list[Sample]:
+        """``n_samples_per_prompt`` samples for every prompt, concurrently; group_index = prompt index."""
+        tasks = [self.generate(p, sampling, group_index=g) for g, p in enumerate(prompts)
+                 for _ in range(n_samples_per_prompt)]
+        return list(await asyncio.gather(*tasks))
+
+    # ---------------------------------------------------------------- control
+    async def health(self) -> bool:
+        """True when ``GET /health`` answers 200 (no retries)."""
+        try:
+            await self.request("GET", "/health", retry=False)
+        except RolloutEngineError:
+            return False
+        return True
+
+    async def health_generate(self) -> bool:
+        """True when ``GET /health_generate`` (runs a 1-token generation) answers 200."""
+        try:
+            await self.request("GET", "/health_generate", retry=False)
+        except RolloutEngineError:
+            return False
+        return True
+
+    async def wait_healthy(self, timeout_s: float = 60.0, interval_s: float = 0.2) -> None:
+        """Poll ``/health`` until 200 or raise ``EngineTimeoutError`` naming the URL."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if await self.health():
+                return
+            await asyncio.sleep(interval_s)
+        raise EngineTimeoutError(f"rollout engine at {self.url} not healthy after {timeout_s}s")
+
+    async def model_info(self) -> dict:
+        """``/model_info`` (sglang >= 0.5.x), falling back to the older ``/get_model_info``."""
+        try:
+            return await self.request("GET", "/model_info")
+        except EngineHTTPError as exc:
+            if exc.status_code != 404:
+                raise
+            return await self.request("GET", "/get_model_info")
+
+    async def server_info(self) -> dict:
+        """``/server_info`` with fallback to ``/get_server_info``."""
+        try:
+            return await self.request("GET", "/server_info")
+        except EngineHTTPError as exc:
+            if exc.status_code != 404:
+                raise
+            return await self.request("GET", "/get_server_info")
+
+    async def weight_version(self) -> str:
+        """The engine's current weight version string (``model_info["weight_version"]``)."""
+        return str((await self.model_info()).get("weight_version"))
+
+    async def fetch_route_spec(self) -> RouteSpec:
+        """Route shape of the served model, from ``model_info`` (embedded server) or its config.json."""
+        info = await self.model_info()
+        if all(k in info for k in ("num_hidden_layers", "num_experts_per_tok", "num_experts")):
+            spec = RouteSpec.from_hf_config(info)
+        elif info.get("model_path"):
+            spec = RouteSpec.from_hf_config(info["model_path"])
+        else:
+            raise RolloutEngineError(f"{self.url}/model_info has neither MoE dims nor a model_path")
+        self.route_spec = spec
+        return spec
+
+    async def flush_cache(self) -> None:
+        """Flush the engine's prefix cache (``/flush_cache``)."""
+        await self.request("POST", "/flush_cache")
+
+    async def update_weights_from_disk(self, model_path: str, policy_version: int, *,
+                                       load_format: Optional[str] = None, abort_all_requests: bool = False,
+                                       flush_cache: bool = True) -> dict:
+        """Load new weights from an HF checkpoint directory and tag them ``policy_version``."""
+        body: dict[str, Any] = {"model_path": str(model_path), "weight_version": str(int(policy_version)),
+                                "abort_all_requests": abort_all_requests, "flush_cache": flush_cache}
+        if load_format is not None:
+            body["load_format"] = load_format
+        result = await self.request("POST", "/update_weights_from_disk", json=body, retry=False)
+        if not result.get("success", False):
+            raise RolloutEngineError(f"{self.url}/update_weights_from_disk failed: {result.get('message')}")
+        self.policy_version = int(policy_version)
+        return result
+
+    async def update_weight_version(self, policy_version: int, abort_all_requests: bool = False) -> None:
+        """Retag the current weights (``/update_weight_version``), e.g. after a tensor/NCCL update."""
+        await self.request("POST", "/update_weight_version", json={
+            "new_version": str(int(policy_version)), "abort_all_requests": abort_all_requests})
+        self.policy_version = int(policy_version)
+
+    async def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                        world_size: int, group_name: str = "weight_update_group",
+                                        backend: str = "nccl") -> dict:
+        """Join the trainer's weight-broadcast process group (``/init_weights_update_group``)."""
+        return await self.request("POST", "/init_weights_update_group", retry=False, json={
+            "master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+            "world_size": int(world_size), "group_name": group_name, "backend": backend})
+
+    async def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                              policy_version: int, group_name: str = "weight_update_group",
+                                              flush_cache: bool = True) -> dict:
+        """Receive one bucket of tensors broadcast by the trainer (``/update_weights_from_distributed``)."""
+        result = await self.request("POST", "/update_weights_from_distributed", retry=False, json={
+            "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+            "flush_cache": flush_cache, "weight_version": str(int(policy_version))})
+        if not result.get("success", False):
+            raise RolloutEngineError(f"{self.url}/update_weights_from_distributed failed: {result.get('message')}")
+        self.policy_version = int(policy_version)
+        return result
+
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], policy_version: int, *,
+                                         load_format: Optional[str] = None, flush_cache: bool = True) -> dict:
+        """Colocated update (``/update_weights_from_tensor``); tensors serialized by SGLang's
+        ``MultiprocessingSerializer`` and base64-encoded by the caller."""
+        body: dict[str, Any] = {"serialized_named_tensors": serialized_named_tensors, "flush_cache": flush_cache,
+                                "weight_version": str(int(policy_version))}
+        if load_format is not None:
+            body["load_format"] = load_format
+        result = await self.request("POST", "/update_weights_from_tensor", json=body, retry=False)
+        if not result.get("success", False):
+            raise RolloutEngineError(f"{self.url}/update_weights_from_tensor failed: {result.get('message')}")
+        self.policy_version = int(policy_version)
+        return result
+
+    async def pause_generation(self, mode: str = "abort") -> None:
+        """Pause the engine: ``abort`` (running requests return partial), ``retract`` or ``in_place``."""
+        if mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"pause mode must be abort, retract or in_place, got {mode!r}")
+        await self.request("POST", "/pause_generation", json={"mode": mode})
+
+    async def continue_generation(self) -> None:
+        """Resume after ``pause_generation``."""
+        await self.request("POST", "/continue_generation", json={})
+
+    async def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        """Abort request ``rid`` (or every request): it returns with finish_reason abort."""
+        await self.request("POST", "/abort_request", json={"rid": rid, "abort_all": abort_all})

@@ -1,0 +1,384 @@
+"""CPU generation engine behind the embedded server: HF transformers model, our decode loop.
+
+Why not ``model.generate``: we need, per sampled token, the log-prob of SGLang's convention
+(``sampling.py``), and per forward the experts every router chose for every real token. Neither
+comes out of ``generate`` (its ``output_scores`` are processed scores of the truncated
+distribution, and it has no router output), and a per-request seeded sampler with per-step
+abort / pause checks needs the loop in our hands anyway. The loop is the standard one: a
+left-padded prefill with position ids from the attention mask, then one token per step with
+a ``DynamicCache``; finished rows are dropped from the batch and the cache.
+
+Scheduling is one batch at a time on a worker thread: requests queue, the worker takes up to
+``max_batch_size`` of them and runs them to completion (no continuous batching). Control calls
+(weight updates, version changes) run on the same thread between batches, or between decode steps
+while generation is paused in place -- SGLang's semantics for ``pause_generation(in_place)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
+
+import torch
+
+from megatron_vespo.rollout.embedded.capture import route_capture_or_none
+from megatron_vespo.rollout.embedded.models import (
+    build_tiny_model,
+    load_hf_model,
+    load_tokenizer,
+    reload_weights_in_place,
+)
+from megatron_vespo.rollout.embedded.requests import GenRequest, parse_generate
+from megatron_vespo.rollout.embedded.sampling import reported_log_probs, return_original_logprob_from_env, sample_tokens
+from megatron_vespo.utils.imports import require
+
+logger = logging.getLogger(__name__)
+
+
+def _abort(message: str) -> dict:
+    return {"type": "abort", "message": message, "status_code": None, "err_type": None}
+
+
+def _eos_ids(model: Any) -> set[int]:
+    ids: set[int] = set()
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    return {int(i) for i in ids}
+
+
+class EmbeddedEngine:
+    """Batched sampling with KV cache, SGLang log-prob convention and router capture.
+
+    Args:
+        model: an HF causal LM (Qwen3-MoE for route capture), in eval mode.
+        model_path: where it was loaded from (reported by ``model_info``).
+        tokenizer: optional; enables ``text`` input and text output.
+        weight_version: initial version string (SGLang's default is ``"default"``).
+        random_seed: seeds requests without ``sampling_seed`` (in arrival order).
+        max_batch_size: requests per batch.
+        return_original_logprob: report raw log-probs (default: ``SGLANG_RETURN_ORIGINAL_LOGPROB``).
+    """
+
+    def __init__(self, model: Any, *, model_path: Optional[str] = None, tokenizer: Any = None,
+                 weight_version: str = "default", random_seed: int = 0, max_batch_size: int = 32,
+                 return_original_logprob: Optional[bool] = None):
+        self.model = model.eval()
+        self.model_path = model_path
+        self.tokenizer = tokenizer
+        self.capture = route_capture_or_none(model)
+        self.vocab_size = int(model.config.vocab_size)
+        self.max_len = int(getattr(model.config, "max_position_embeddings", 1 << 20))
+        self.eos_ids = _eos_ids(model)
+        self.weight_version = str(weight_version)
+        self.max_batch_size = max_batch_size
+        self.random_seed = random_seed
+        self.original_logprob = (return_original_logprob_from_env() if return_original_logprob is None
+                                 else return_original_logprob)
+        self.generated_tokens = 0
+        self._rng = random.Random(random_seed)
+        self._cv = threading.Condition()
+        self._pending: collections.deque[GenRequest] = collections.deque()
+        self._running: list[GenRequest] = []
+        self._controls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._paused = False
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, dtype: str = "float32", **kwargs: Any) -> "EmbeddedEngine":
+        """Engine over an HF checkpoint directory (tokenizer loaded if the directory has one)."""
+        return cls(load_hf_model(model_path, dtype), model_path=str(model_path), tokenizer=load_tokenizer(model_path),
+                   **kwargs)
+
+    @classmethod
+    def from_preset(cls, preset: str = "tiny", seed: int = 0, dtype: str = "float32",
+                    **kwargs: Any) -> "EmbeddedEngine":
+        """Engine over a random-weight ``models.presets`` model."""
+        return cls(build_tiny_model(preset, seed=seed, dtype=dtype), model_path=f"preset:{preset}", **kwargs)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "EmbeddedEngine":
+        """Start the worker thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Abort everything and stop the worker."""
+        self.abort(abort_all=True, message="engine shutting down")
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def busy(self) -> bool:
+        """A batch is running."""
+        return bool(self._running)
+
+    @property
+    def paused(self) -> bool:
+        """``pause_generation`` is in effect."""
+        return self._paused
+
+    # ------------------------------------------------------------------ requests
+    def parse(self, body: dict) -> tuple[list[GenRequest], bool]:
+        """Validate a ``/generate`` body (ValueError naming the field)."""
+        tokenize = None if self.tokenizer is None else (lambda t: self.tokenizer.encode(t))
+        reqs, batched = parse_generate(body, vocab_size=self.vocab_size, max_len=self.max_len,
+                                       eos_ids=self.eos_ids, tokenize=tokenize)
+        if any(r.return_routed_experts for r in reqs) and self.capture is None:
+            raise ValueError("return_routed_experts=true but the served model has no MoE router")
+        return reqs, batched
+
+    def submit(self, reqs: list[GenRequest]) -> None:
+        """Queue requests; each signals ``req.done`` (and calls ``req.on_done``) when finished."""
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("engine is shut down")
+            self._pending.extend(reqs)
+            self._cv.notify_all()
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids to text (needs a tokenizer)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def abort(self, rid: str = "", abort_all: bool = False, message: str = "Aborted") -> int:
+        """Abort matching queued requests now and running ones at their next step; returns how many."""
+        with self._cv:
+            hit = [r for r in list(self._pending) + self._running
+                   if abort_all or r.rid == rid or (rid and r.rid.startswith(rid + "_"))]
+            for r in hit:
+                r.aborted = message
+            queued = [r for r in hit if r in self._pending]
+            for r in queued:
+                self._pending.remove(r)
+            self._cv.notify_all()
+        for r in queued:
+            r.finish(_abort(message))
+        return len(hit)
+
+    def pause(self, mode: str = "abort") -> None:
+        """SGLang ``pause_generation``: ``abort`` aborts everything first; ``in_place`` / ``retract`` freeze
+        running requests between steps (we keep their KV cache, so retract behaves as in_place)."""
+        if mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"pause mode must be abort, retract or in_place, got {mode!r}")
+        if mode == "abort":
+            self.abort(abort_all=True, message="Abort by pause_generation")
+        with self._cv:
+            self._paused = True
+            self._cv.notify_all()
+
+    def resume(self) -> None:
+        """SGLang ``continue_generation``."""
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ control
+    def call_control(self, fn: Callable[[], Any], timeout_s: Optional[float] = None) -> Any:
+        """Run ``fn`` on the worker thread when no decode step is in flight; returns its result."""
+        if self._thread is None:
+            return fn()
+        fut: Future = Future()
+        with self._cv:
+            self._controls.append((fn, fut))
+            self._cv.notify_all()
+        return fut.result(timeout=timeout_s)
+
+    def update_weights_from_disk(self, model_path: str, weight_version: Optional[str] = None,
+                                 abort_all_requests: bool = False) -> tuple[bool, str, int]:
+        """Load an HF checkpoint into the served model; ``(success, message, num_paused_requests)``."""
+        if abort_all_requests:
+            self.abort(abort_all=True, message="Abort by update_weights_from_disk")
+
+        def do() -> tuple[bool, str, int]:
+            try:
+                n = reload_weights_in_place(self.model, model_path)
+            except (ValueError, OSError) as exc:
+                return False, f"Failed to update weights: {exc}", 0
+            self.model_path = str(model_path)
+            if weight_version is not None:
+                self._set_version(str(weight_version))
+            logger.info("loaded %d tensors from %s (weight_version %s)", n, model_path, self.weight_version)
+            return True, "Succeeded to update model weights.", len(self._running) if self._paused else 0
+        return self.call_control(do)
+
+    def update_weight_version(self, new_version: str) -> None:
+        """Retag the served weights."""
+        self.call_control(lambda: self._set_version(str(new_version)))
+
+    def _set_version(self, version: str) -> None:
+        self.weight_version = version
+        for r in self._running:  # paused in place: later tokens come from the new weights
+            if r.finish_reason is None and r.version_spans and r.version_spans[-1][0] != version:
+                r.version_spans.append([version, len(r.output_ids)])
+
+    def _run_controls(self) -> None:
+        while True:
+            with self._cv:
+                if not self._controls:
+                    return
+                fn, fut = self._controls.popleft()
+            try:
+                fut.set_result(fn())
+            except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
+                fut.set_exception(exc)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._controls and (self._paused or not self._pending):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            self._run_controls()
+            with self._cv:
+                if self._paused or not self._pending:
+                    continue
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
+                self._running = batch
+            try:
+                self.run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - a failing batch must not kill the server
+                logger.exception("embedded engine batch failed")
+                for r in batch:
+                    if r.finish_reason is None:
+                        r.finish({**_abort(f"engine error: {type(exc).__name__}: {exc}"), "status_code": 500})
+            finally:
+                with self._cv:
+                    self._running = []
+
+    def _gate(self) -> None:
+        """Before each decode step: wait while paused (running control calls meanwhile)."""
+        while True:
+            self._run_controls()
+            with self._cv:
+                if not self._paused or self._stopping:
+                    return
+                self._cv.wait(timeout=0.05)
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def run_batch(self, reqs: list[GenRequest]) -> None:
+        """Generate every request of ``reqs`` to completion (also callable without the worker)."""
+        transformers = require("transformers", "the embedded rollout engine")
+        live = []
+        for r in reqs:
+            r.version_spans = [[self.weight_version, 0]]
+            if r.aborted:
+                r.finish(_abort(r.aborted))
+            else:
+                live.append(r)
+        if not live:
+            return
+        lens = [len(r.input_ids) for r in live]
+        width = max(lens)
+        ids = torch.zeros(len(live), width, dtype=torch.long)
+        attn = torch.zeros(len(live), width, dtype=torch.long)
+        for b, r in enumerate(live):
+            ids[b, width - lens[b]:] = torch.tensor(r.input_ids)
+            attn[b, width - lens[b]:] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        gens = [torch.Generator().manual_seed(r.sampling_seed if r.sampling_seed is not None
+                                              else self._rng.getrandbits(63)) for r in live]
+        capture = self.capture if any(r.return_routed_experts for r in live) else None
+        want_input = any(r.return_logprob and r.logprob_start_len < len(r.input_ids) for r in live)
+        cache = transformers.DynamicCache(config=self.model.config)
+        rows = list(range(len(live)))  # batch row -> index into live
+        step = 0
+        try:
+            while rows:
+                self._gate()
+                if any(live[i].aborted for i in rows):
+                    for i in rows:
+                        if live[i].aborted:
+                            live[i].finish(_abort(live[i].aborted))
+                    ids, attn, pos, rows = self._compact(cache, ids, attn, pos, rows, live)
+                    if not rows:
+                        break
+                if capture is not None:
+                    capture.start()
+                out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                                 use_cache=True, logits_to_keep=0 if (step == 0 and want_input) else 1)
+                if capture is not None:
+                    routes = capture.collect(len(rows), ids.shape[1])
+                    for b, i in enumerate(rows):
+                        if live[i].return_routed_experts:
+                            live[i].routes.append(routes[b, width - lens[i]:] if step == 0 else routes[b, -1:])
+                if step == 0 and want_input:
+                    self._input_logprobs(out.logits, live, lens, width)
+                logits = out.logits[:, -1].float()
+                params = [live[i].params for i in rows]
+                # SGLang clamps to the dtype's min so an underflowed -inf never reaches JSON.
+                lps = reported_log_probs(logits, params, self.original_logprob)
+                lps.clamp_(min=torch.finfo(torch.float32).min)
+                toks = sample_tokens(logits, params, [gens[i] for i in rows])
+                for b, i in enumerate(rows):
+                    self._append(live[i], int(toks[b]), float(lps[b, toks[b]]))
+                self.generated_tokens += len(rows)
+                ids = toks[:, None]
+                attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype)], dim=1)
+                pos = pos[:, -1:] + 1
+                ids, attn, pos, rows = self._compact(cache, ids, attn, pos, rows, live)
+                step += 1
+        finally:
+            if capture is not None:
+                capture.stop()
+
+    def _append(self, r: GenRequest, tok: int, lp: float) -> None:
+        if r.max_new_tokens == 0:
+            r.finish({"type": "length", "length": 0})
+            return
+        r.output_ids.append(tok)
+        r.output_logprobs.append(lp)
+        if tok in r.stop_token_ids or (not r.ignore_eos and tok in self.eos_ids):
+            r.finish({"type": "stop", "matched": tok})
+        elif len(r.output_ids) >= r.max_new_tokens:
+            r.finish({"type": "length", "length": r.max_new_tokens})
+
+    @staticmethod
+    def _compact(cache: Any, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, rows: list[int],
+                 live: list[GenRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        keep = [b for b, i in enumerate(rows) if live[i].finish_reason is None]
+        if len(keep) == len(rows):
+            return ids, attn, pos, rows
+        idx = torch.tensor(keep, dtype=torch.long)
+        if keep:
+            cache.batch_select_indices(idx)
+        return ids[idx], attn[idx], pos[idx], [rows[b] for b in keep]
+
+    @staticmethod
+    def _input_logprobs(logits: torch.Tensor, live: list[GenRequest], lens: list[int], width: int) -> None:
+        """SGLang prompt log-probs: raw log_softmax, ``None`` for the first returned token."""
+        for b, r in enumerate(live):
+            if not r.return_logprob or r.logprob_start_len >= lens[b]:
+                continue
+            lsm = torch.log_softmax(logits[b].float(), dim=-1)
+            off = width - lens[b]
+            r.input_logprobs = [None] + [float(lsm[off + j - 1, r.input_ids[j]])
+                                         for j in range(r.logprob_start_len + 1, lens[b])]
+
+    # ------------------------------------------------------------------ info
+    def model_info(self) -> dict:
+        """SGLang ``/model_info`` fields, plus the MoE dims a client needs to decode routes."""
+        cfg = self.model.config
+        info: dict[str, Any] = {
+            "model_path": self.model_path, "tokenizer_path": self.model_path if self.tokenizer else None,
+            "is_generation": True, "preferred_sampling_params": None, "weight_version": self.weight_version,
+            "model_type": getattr(cfg, "model_type", None), "architectures": getattr(cfg, "architectures", None),
+            "num_hidden_layers": int(cfg.num_hidden_layers), "vocab_size": self.vocab_size,
+        }
+        if self.capture is not None:
+            spec = self.capture.spec
+            info.update(num_experts=spec.num_experts, num_experts_per_tok=spec.topk,
+                        mlp_only_layers=[i for i in range(spec.num_layers) if i not in spec.moe_layers])
+        return info

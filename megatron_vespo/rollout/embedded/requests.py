@@ -1,0 +1,175 @@
+"""Parse SGLang ``/generate`` bodies into per-request state, and render SGLang responses.
+
+Accepted fields are those of sglang 0.5.23 ``GenerateReqInput`` the engine implements; any other
+field must hold its SGLang default (None / False / 0 / empty), else the request is rejected with
+a ValueError naming it -- a silently ignored sampling option would make mu wrong.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from megatron_vespo.rollout.embedded.sampling import RowParams
+from megatron_vespo.rollout.routes import encode_routes
+
+_TOP_FIELDS = {"rid", "text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len",
+               "return_routed_experts", "routed_experts_start_len", "return_text_in_logprobs", "stream",
+               "top_logprobs_num", "log_metrics"}
+_SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "ignore_eos",
+                    "sampling_seed", "n", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"}
+# Fields whose SGLang default we accept: they do not change what is sampled.
+_DEFAULTS = {"min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+             "min_new_tokens": 0}
+
+
+@dataclass
+class GenRequest:
+    """One sequence to generate, plus its progress (filled by the engine)."""
+
+    rid: str
+    input_ids: list[int]
+    params: RowParams
+    max_new_tokens: int
+    stop_token_ids: set[int]
+    ignore_eos: bool
+    sampling_seed: Optional[int]
+    return_logprob: bool
+    logprob_start_len: int
+    return_routed_experts: bool
+    routed_experts_start_len: int
+    return_text_in_logprobs: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    input_logprobs: list[Optional[float]] = field(default_factory=list)
+    routes: list[torch.Tensor] = field(default_factory=list)
+    version_spans: list[list] = field(default_factory=list)  # [version, start]
+    finish_reason: Optional[dict] = None
+    aborted: Optional[str] = None
+    created: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    on_done: Optional[Callable[["GenRequest"], None]] = None
+
+    def finish(self, reason: dict) -> None:
+        """Mark finished and notify the waiter."""
+        self.finish_reason = reason
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
+
+
+def _pick(value: Any, i: int, n: int, name: str) -> Any:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"{name} is a list of {len(value)} but the batch has {n} prompts")
+        return value[i]
+    return value
+
+
+def _check_defaults(obj: dict, allowed: set, where: str) -> None:
+    for key, value in obj.items():
+        if key in allowed:
+            continue
+        if key in _DEFAULTS and value in (None, _DEFAULTS[key]):
+            continue
+        if value in (None, False, 0, "", [], {}):
+            continue
+        raise ValueError(f"{where}.{key}={value!r} is not supported by the embedded engine "
+                         f"(supported: {sorted(allowed)})")
+
+
+def parse_generate(body: dict, *, vocab_size: int, max_len: int, eos_ids: set[int],
+                   tokenize: Optional[Callable[[str], list[int]]]) -> tuple[list[GenRequest], bool]:
+    """Requests of one ``/generate`` body, and whether the caller sent a batch (list answer)."""
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    _check_defaults(body, _TOP_FIELDS, "request")
+    if body.get("stream"):
+        raise ValueError("stream=true is not supported by the embedded engine")
+    if body.get("top_logprobs_num"):
+        raise ValueError("top_logprobs_num is not supported by the embedded engine")
+    ids, text = body.get("input_ids"), body.get("text")
+    if (ids is None) == (text is None):
+        raise ValueError("give exactly one of input_ids and text")
+    if text is not None:
+        if tokenize is None:
+            raise ValueError("text input needs a tokenizer, and this checkpoint has none: send input_ids")
+        ids = [tokenize(t) for t in text] if isinstance(text, list) else tokenize(text)
+    batched = bool(ids) and isinstance(ids[0], list)
+    prompts = ids if batched else [ids]
+    n = len(prompts)
+    sp_all = body.get("sampling_params") or {}
+    rids = body.get("rid")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if not prompt or not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
+            raise ValueError(f"input_ids[{i}] must be a non-empty list of token ids in [0, {vocab_size})")
+        sp = sp_all[i] if isinstance(sp_all, list) else sp_all
+        _check_defaults(sp, _SAMPLING_FIELDS, "sampling_params")
+        if sp.get("n") not in (None, 1):
+            raise ValueError("sampling_params.n must be 1 (send one request per sample)")
+        temperature = float(sp.get("temperature", 1.0) if sp.get("temperature") is not None else 1.0)
+        top_p = float(sp.get("top_p") if sp.get("top_p") is not None else 1.0)
+        top_k = int(sp.get("top_k") if sp.get("top_k") is not None else -1)
+        max_new = int(sp.get("max_new_tokens") if sp.get("max_new_tokens") is not None else 128)
+        if temperature < 0 or not 0 < top_p <= 1 or (top_k < 1 and top_k != -1) or max_new < 0:
+            raise ValueError(f"sampling_params invalid: temperature={temperature} (>= 0), top_p={top_p} "
+                             f"(in (0, 1]), top_k={top_k} (-1 or >= 1), max_new_tokens={max_new} (>= 0)")
+        if len(prompt) + max_new > max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new} exceeds the model's "
+                             f"context length {max_len}")
+        lp_start = _pick(body.get("logprob_start_len"), i, n, "logprob_start_len")
+        lp_start = len(prompt) if lp_start in (None, -1) else int(lp_start)
+        re_start = int(_pick(body.get("routed_experts_start_len") or 0, i, n, "routed_experts_start_len"))
+        if not 0 <= lp_start <= len(prompt):
+            raise ValueError(f"logprob_start_len={lp_start} must be -1 or in [0, {len(prompt)}]")
+        if not 0 <= re_start <= len(prompt):
+            raise ValueError(f"routed_experts_start_len={re_start} must be in [0, prompt length {len(prompt)}]")
+        rid = _pick(rids, i, n, "rid") if rids is not None else uuid.uuid4().hex
+        rid = f"{rid}_{i}" if (batched and isinstance(rids, str)) else str(rid)
+        seed = sp.get("sampling_seed")
+        out.append(GenRequest(
+            rid=rid, input_ids=list(prompt), params=RowParams.normalise(temperature, top_p, top_k),
+            max_new_tokens=max_new, stop_token_ids={int(t) for t in (sp.get("stop_token_ids") or [])},
+            ignore_eos=bool(sp.get("ignore_eos")), sampling_seed=None if seed is None else int(seed),
+            return_logprob=bool(_pick(body.get("return_logprob"), i, n, "return_logprob")),
+            logprob_start_len=lp_start, return_routed_experts=bool(body.get("return_routed_experts")),
+            routed_experts_start_len=re_start, return_text_in_logprobs=bool(body.get("return_text_in_logprobs"))))
+    return out, batched
+
+
+def render_response(req: GenRequest, weight_version: str, decode: Optional[Callable[[list[int]], str]]) -> dict:
+    """The SGLang response dict of a finished request (key order as SGLang's)."""
+    t = len(req.output_ids)
+    meta: dict[str, Any] = {
+        "id": req.rid, "finish_reason": req.finish_reason, "prompt_tokens": len(req.input_ids),
+        "weight_version": weight_version, "num_retractions": 0, "reasoning_tokens": 0, "completion_tokens": t,
+        "cached_tokens": 0,
+    }
+    spans = req.version_spans or [[weight_version, 0]]
+    meta["weight_versions"] = [{"version": v, "start": s, "end": (spans[j + 1][1] if j + 1 < len(spans) else t)}
+                               for j, (v, s) in enumerate(spans) if s < t or s == 0]
+    meta["weight_version"] = meta["weight_versions"][-1]["version"]  # as SGLang: the latest visible span
+    with_text = decode is not None and req.return_text_in_logprobs
+    text_of = (lambda tok: decode([tok])) if with_text else (lambda tok: None)
+    if req.return_logprob:
+        inputs = req.input_ids[req.logprob_start_len:]
+        meta["input_token_logprobs"] = [[lp, tok, text_of(tok)] for lp, tok in zip(req.input_logprobs, inputs)]
+        meta["output_token_logprobs"] = [[lp, tok, text_of(tok)] for lp, tok in zip(req.output_logprobs,
+                                                                                     req.output_ids)]
+        meta["output_token_logprobs_length"] = t
+    if req.return_routed_experts:
+        rows = torch.cat(req.routes, dim=0) if req.routes else torch.zeros(0, 1, 1, dtype=torch.int32)
+        meta["routed_experts"] = encode_routes(rows[req.routed_experts_start_len: len(req.input_ids) + t - 1])
+    meta["e2e_latency"] = time.monotonic() - req.created
+    out: dict[str, Any] = {}
+    if decode is not None:
+        out["text"] = decode(req.output_ids)
+    out["output_ids"] = list(req.output_ids)
+    out["meta_info"] = meta
+    return out

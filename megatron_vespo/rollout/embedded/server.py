@@ -1,0 +1,305 @@
+"""HTTP front of the embedded engine: SGLang's endpoints and JSON shapes (FastAPI + uvicorn).
+
+Start it with ``megatron-vespo serve --preset tiny --port 30000`` (or ``--model-path DIR``), or
+``python -m megatron_vespo.rollout.embedded.server ...``, or from Python with
+:func:`start_embedded_server` (uvicorn in a thread of this process, or a child process).
+
+Implemented like SGLang: ``/generate``, ``/health``, ``/health_generate``, ``/model_info``
+(+ ``/get_model_info``), ``/server_info`` (+ ``/get_server_info``), ``/flush_cache`` (no prefix
+cache here: always succeeds), ``/update_weights_from_disk``, ``/update_weight_version``,
+``/pause_generation``, ``/continue_generation``, ``/abort_request``. The NCCL / CUDA-IPC weight
+paths (``/init_weights_update_group``, ``/update_weights_from_distributed``,
+``/update_weights_from_tensor``) answer 400 with a message pointing to ``update_weights_from_disk``.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_vespo.rollout.embedded.engine import EmbeddedEngine
+from megatron_vespo.rollout.embedded.requests import render_response
+from megatron_vespo.rollout.process import ServerProcess, find_free_port
+from megatron_vespo.utils.imports import require
+
+logger = logging.getLogger(__name__)
+
+_UNSUPPORTED = ("/init_weights_update_group", "/destroy_weights_update_group", "/update_weights_from_distributed",
+                "/update_weights_from_tensor")
+
+
+def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any:
+    """The FastAPI app serving ``engine``."""
+    fastapi = require("fastapi", "the embedded rollout server")
+    from fastapi import Body, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+    app = fastapi.FastAPI(title="megatron_vespo embedded rollout server")
+    info = dict(server_info or {})
+
+    def error(msg: str, status: int = 400) -> Any:
+        return JSONResponse({"error": {"message": msg}}, status_code=status)
+
+    async def body_of(request: Any) -> dict:
+        raw = await request.body()
+        return json.loads(raw) if raw.strip() else {}
+
+    async def run(reqs: list) -> list:
+        loop = asyncio.get_running_loop()
+        futs = []
+        for r in reqs:
+            fut = loop.create_future()
+            r.on_done = lambda req, fut=fut: loop.call_soon_threadsafe(
+                lambda: fut.done() or fut.set_result(req))
+            futs.append(fut)
+        engine.submit(reqs)
+        try:
+            return list(await asyncio.gather(*futs))
+        except asyncio.CancelledError:  # client went away: free the batch slots
+            for r in reqs:
+                engine.abort(r.rid, message="client disconnected")
+            raise
+
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(request: Request):
+        try:
+            reqs, batched = engine.parse(await body_of(request))
+        except (ValueError, TypeError) as exc:
+            return error(str(exc))
+        done = await run(reqs)
+        decode = engine.decode if engine.tokenizer is not None else None
+        outs = [render_response(r, engine.weight_version, decode) for r in done]
+        return JSONResponse(outs if batched else outs[0])
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        if engine.busy or engine.paused:  # as SGLang: a running server is a healthy one
+            return Response(status_code=200)
+        reqs, _ = engine.parse({"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}})
+        try:
+            await asyncio.wait_for(run(reqs), timeout=20.0)
+        except asyncio.TimeoutError:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/ready")
+    async def ready():
+        return Response(status_code=200)
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def model_info():
+        return engine.model_info()
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info():
+        return {**info, "weight_version": engine.weight_version, "random_seed": engine.random_seed,
+                "max_batch_size": engine.max_batch_size, "tp_size": 1,
+                "enable_return_routed_experts": engine.capture is not None,
+                "internal_states": [{"generated_tokens": engine.generated_tokens, "paused": engine.paused,
+                                     "busy": engine.busy}]}
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        return PlainTextResponse("Cache flushed.\n(The embedded engine keeps no prefix cache.)\n")
+
+    @app.post("/update_weights_from_disk")
+    def update_weights_from_disk(body: dict = Body(...)):  # sync: FastAPI runs it in a thread
+        if not body.get("model_path"):
+            return JSONResponse({"success": False, "message": "model_path is required", "num_paused_requests": 0},
+                                status_code=400)
+        if body.get("load_format") not in (None, "auto", "safetensors"):
+            return JSONResponse({"success": False, "num_paused_requests": 0,
+                                 "message": f"load_format {body['load_format']!r} not supported (auto, safetensors)"},
+                                status_code=400)
+        ok, msg, paused = engine.update_weights_from_disk(
+            body["model_path"], weight_version=body.get("weight_version"),
+            abort_all_requests=bool(body.get("abort_all_requests", False)))
+        return JSONResponse({"success": ok, "message": msg, "num_paused_requests": paused},
+                            status_code=200 if ok else 400)
+
+    @app.post("/update_weight_version")
+    def update_weight_version(body: dict = Body(...)):
+        if body.get("abort_all_requests", True):
+            engine.abort(abort_all=True, message="Abort by update_weight_version")
+        engine.update_weight_version(str(body["new_version"]))
+        return {"success": True, "message": f"Weight version updated to {body['new_version']}",
+                "new_version": body["new_version"]}
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request):
+        body = await body_of(request)
+        engine.abort(str(body.get("rid") or ""), abort_all=bool(body.get("abort_all", False)))
+        return Response(status_code=200)
+
+    @app.post("/pause_generation")
+    async def pause_generation(request: Request):
+        try:
+            engine.pause((await body_of(request)).get("mode", "abort"))
+        except ValueError as exc:
+            return error(str(exc))
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    @app.post("/continue_generation")
+    async def continue_generation():
+        engine.resume()
+        return {"message": "Generation continued successfully.", "status": "ok"}
+
+    async def unsupported(request: Request):
+        return JSONResponse({"success": False, "message": f"{request.url.path} needs NCCL / CUDA IPC and is not "
+                             "supported by the embedded CPU engine; use /update_weights_from_disk"}, status_code=400)
+
+    for path in _UNSUPPORTED:
+        app.add_api_route(path, unsupported, methods=["POST"])
+    return app
+
+
+class EmbeddedServerHandle:
+    """A running embedded server: ``url``, ``stop()``; ``engine`` in thread mode, ``pid`` in process mode."""
+
+    def __init__(self, url: str, *, engine: Optional[EmbeddedEngine] = None, uvicorn_server: Any = None,
+                 thread: Optional[threading.Thread] = None, process: Optional[ServerProcess] = None):
+        self.url = url
+        self.engine = engine
+        self.process = process
+        self._server, self._thread = uvicorn_server, thread
+
+    @property
+    def pid(self) -> Optional[int]:
+        """Server process id (process mode), else None."""
+        return None if self.process is None else self.process.pid
+
+    def stop(self) -> None:
+        """Stop the server (and its engine)."""
+        if self.process is not None:
+            self.process.stop()
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=30)
+            self._server = None
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def __enter__(self) -> "EmbeddedServerHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _engine_args(model_path: Optional[str], preset: Optional[str], seed: int, dtype: str, random_seed: int,
+                 max_batch_size: int, weight_version: str) -> list[str]:
+    args = ["--model-path", model_path] if model_path else ["--preset", preset or "tiny", "--seed", str(seed)]
+    return args + ["--dtype", dtype, "--random-seed", str(random_seed), "--max-batch-size", str(max_batch_size),
+                   "--weight-version", weight_version]
+
+
+def start_embedded_server(model_path: Optional[str] = None, *, preset: Optional[str] = None, seed: int = 0,
+                          host: str = "127.0.0.1", port: Optional[int] = None, mode: str = "thread",
+                          dtype: str = "float32", random_seed: int = 0, max_batch_size: int = 32,
+                          weight_version: str = "default", engine: Optional[EmbeddedEngine] = None,
+                          log_path: Optional[str] = None, env: Optional[dict] = None,
+                          startup_timeout_s: float = 180.0) -> EmbeddedServerHandle:
+    """Start an embedded server on ``host:port`` (a free port by default) and wait until healthy.
+
+    ``mode="thread"`` runs uvicorn in a thread of this process (fast; ``handle.engine`` is the
+    engine); ``mode="process"`` starts ``python -m megatron_vespo.rollout.embedded.server`` in its own
+    process group (several servers use several cores; logs to ``log_path``).
+    Give ``model_path`` (HF dir) or ``preset`` (random weights from ``seed``), or a ready ``engine``.
+    """
+    if mode == "process":
+        if engine is not None:
+            raise ValueError("engine= works in thread mode only")
+        port = port or find_free_port(host)
+        log = log_path or os.path.join(tempfile.mkdtemp(prefix="mv_embedded_"), f"server_{port}.log")
+        cmd = [sys.executable, "-m", "megatron_vespo.rollout.embedded.server", "--host", host, "--port", str(port),
+               *_engine_args(model_path, preset, seed, dtype, random_seed, max_batch_size, weight_version)]
+        proc = ServerProcess(cmd, f"http://{host}:{port}", log, env=env).start()
+        proc.wait_healthy(startup_timeout_s, interval_s=0.2)
+        return EmbeddedServerHandle(proc.url, process=proc)
+    if mode != "thread":
+        raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
+    uvicorn = require("uvicorn", "the embedded rollout server")
+    if engine is None:
+        engine = (EmbeddedEngine.from_pretrained(model_path, dtype, random_seed=random_seed,
+                                                 max_batch_size=max_batch_size, weight_version=weight_version)
+                  if model_path else
+                  EmbeddedEngine.from_preset(preset or "tiny", seed, dtype, random_seed=random_seed,
+                                             max_batch_size=max_batch_size, weight_version=weight_version))
+    engine.start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port or 0))  # binding port 0 here avoids the find-a-free-port race
+    port = sock.getsockname()[1]
+    app = build_app(engine, {"host": host, "port": port, "frontend": "embedded-thread"})
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"embedded-http-{port}",
+                              daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            engine.shutdown()
+            raise RuntimeError(f"embedded server on {host}:{port} failed to start")
+        time.sleep(0.01)
+    return EmbeddedServerHandle(f"http://{host}:{port}", engine=engine, uvicorn_server=server, thread=thread)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``megatron-vespo serve`` / ``python -m megatron_vespo.rollout.embedded.server``."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-path", help="HF checkpoint directory (config.json + safetensors)")
+    src.add_argument("--preset", help="random-weight model from models.presets (default: tiny)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed for --preset")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--random-seed", type=int, default=0, help="seed for requests without sampling_seed")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--weight-version", default="default")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server in the foreground until interrupted."""
+    uvicorn = require("uvicorn", "the embedded rollout server")
+    if args.model_path and not Path(args.model_path, "config.json").is_file():
+        raise ValueError(f"--model-path {args.model_path}: no config.json there")
+    kw = dict(random_seed=args.random_seed, max_batch_size=args.max_batch_size, weight_version=args.weight_version)
+    engine = (EmbeddedEngine.from_pretrained(args.model_path, args.dtype, **kw) if args.model_path
+              else EmbeddedEngine.from_preset(args.preset or "tiny", args.seed, args.dtype, **kw))
+    engine.start()
+    app = build_app(engine, {"host": args.host, "port": args.port, "frontend": "embedded",
+                             "model_path": engine.model_path})
+    logger.info("embedded rollout server for %s on http://%s:%d", engine.model_path, args.host, args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="off")
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``python -m megatron_vespo.rollout.embedded.server``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_serve_args(parser)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

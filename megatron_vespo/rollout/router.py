@@ -1,0 +1,104 @@
+"""Spread generation over several engines; broadcast control calls to all of them.
+
+Two policies: ``round_robin`` and ``least_outstanding`` (fewest requests in flight from this
+process, ties broken round-robin). It is enough for a handful of data-parallel engines driven
+by one controller. For many engines, several controllers or cache-aware routing, run SGLang's
+own router (``python -m sglang_router.launch_router --worker-urls URL1 URL2 ...``) and point one
+``SGLangClient`` at it; keep weight updates going to each engine directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any, Awaitable, Callable, Literal, Mapping, Optional, Sequence
+
+from megatron_vespo.rollout.client import SGLangClient
+from megatron_vespo.rollout.config import RolloutConfig, SamplingConfig
+from megatron_vespo.rollout.routes import RouteSpec
+from megatron_vespo.types import Sample
+
+logger = logging.getLogger(__name__)
+
+Policy = Literal["round_robin", "least_outstanding"]
+
+
+class EngineRouter:
+    """Same ``generate`` API as ``SGLangClient``, over several clients."""
+
+    def __init__(self, clients: Sequence[SGLangClient], policy: Policy = "least_outstanding"):
+        if not clients:
+            raise ValueError("EngineRouter needs at least one engine client")
+        if policy not in ("round_robin", "least_outstanding"):
+            raise ValueError(f"router policy must be round_robin or least_outstanding, got {policy!r}")
+        self.clients = list(clients)
+        self.policy = policy
+        self._rr = itertools.count()
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, urls: Sequence[str],
+                    route_spec: Optional[RouteSpec] = None) -> "EngineRouter":
+        """One client per URL, configured from ``cfg``."""
+        return cls([SGLangClient.from_config(cfg, u, route_spec) for u in urls], cfg.router_policy)
+
+    @property
+    def urls(self) -> list[str]:
+        """Engine URLs in order."""
+        return [c.url for c in self.clients]
+
+    def pick(self) -> SGLangClient:
+        """The client the next request goes to."""
+        start = next(self._rr) % len(self.clients)
+        order = self.clients[start:] + self.clients[:start]
+        if self.policy == "round_robin":
+            return order[0]
+        return min(order, key=lambda c: c.outstanding)  # min keeps the first of equals: round-robin ties
+
+    async def generate(self, prompt_tokens: Sequence[int], sampling: SamplingConfig | Mapping[str, Any],
+                       **kwargs: Any) -> Sample:
+        """Generate on the chosen engine (see ``SGLangClient.generate``)."""
+        return await self.pick().generate(prompt_tokens, sampling, **kwargs)
+
+    async def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | Mapping[str, Any],
+                             n_samples_per_prompt: int = 1) -> list[Sample]:
+        """``n_samples_per_prompt`` samples per prompt spread over the engines; group_index = prompt index."""
+        tasks = [self.generate(p, sampling, group_index=g) for g, p in enumerate(prompts)
+                 for _ in range(n_samples_per_prompt)]
+        return list(await asyncio.gather(*tasks))
+
+    async def broadcast(self, fn: Callable[[SGLangClient], Awaitable[Any]]) -> list[Any]:
+        """Run ``fn(client)`` on every engine concurrently; the first failure is raised."""
+        return list(await asyncio.gather(*(fn(c) for c in self.clients)))
+
+    async def update_weights_from_disk(self, model_path: str, policy_version: int, **kwargs: Any) -> list[dict]:
+        """Load ``model_path`` on every engine, tagged ``policy_version``."""
+        return await self.broadcast(lambda c: c.update_weights_from_disk(model_path, policy_version, **kwargs))
+
+    async def weight_versions(self) -> list[str]:
+        """Each engine's weight version."""
+        return await self.broadcast(lambda c: c.weight_version())
+
+    async def flush_cache(self) -> None:
+        """Flush every engine's prefix cache."""
+        await self.broadcast(lambda c: c.flush_cache())
+
+    async def pause_generation(self, mode: str = "abort") -> None:
+        """Pause every engine."""
+        await self.broadcast(lambda c: c.pause_generation(mode))
+
+    async def continue_generation(self) -> None:
+        """Resume every engine."""
+        await self.broadcast(lambda c: c.continue_generation())
+
+    async def abort_all(self) -> None:
+        """Abort every request on every engine."""
+        await self.broadcast(lambda c: c.abort_request(abort_all=True))
+
+    async def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        """Wait until every engine answers ``/health``."""
+        await self.broadcast(lambda c: c.wait_healthy(timeout_s))
+
+    async def aclose(self) -> None:
+        """Close every client."""
+        await self.broadcast(lambda c: c.aclose())
