@@ -1,0 +1,92 @@
+"""Megatron DDP, optimizer and LR schedule for the actor, from ``TrainConfig``.
+
+* ``DistributedDataParallel`` with fp32 gradient buffers; gradients are averaged over DP
+  (Megatron's default), which the actor compensates for in the loss scale (``actor.py``).
+* ``get_megatron_optimizer``: Adam (decoupled weight decay), separate expert / dense param
+  groups, global-norm clipping at ``train.clip_grad``; the distributed optimizer (ZeRO-1
+  style sharded state) when ``parallel.use_distributed_optimizer`` and DP > 1. bf16/fp16
+  params get fp32 main weights.
+* ``OptimizerParamScheduler``: linear warmup over ``train.lr_warmup_steps`` optimizer
+  updates, then ``train.lr_decay_style`` from ``lr`` to ``min_lr`` over the run's total
+  updates (``train_iters`` rollout steps x N updates each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_vespo.train.config import ParallelConfig, TrainConfig
+
+
+@dataclass
+class OptimizerBundle:
+    """What ``build_optimizer`` returns."""
+
+    model: list[Any]  # DDP-wrapped chunks
+    optimizer: Any
+    scheduler: Any
+    total_updates: int
+
+
+def build_optimizer(model_chunks: list[torch.nn.Module], train: TrainConfig, parallel: ParallelConfig,
+                    dp_size: int) -> OptimizerBundle:
+    """Wrap ``model_chunks`` in Megatron DDP and build optimizer + LR scheduler."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    tf_config = model_chunks[0].config
+    use_dist_opt = bool(parallel.use_distributed_optimizer and dp_size > 1)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,  # overlap needs CUDA streams; the gain on small steps is nil
+        use_distributed_optimizer=use_dist_opt,
+        check_for_nan_in_grad=True,
+    )
+    wrapped = [DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=m,
+                                       disable_bucketing=(i > 0)) for i, m in enumerate(model_chunks)]
+    for m in wrapped:
+        m.broadcast_params()  # same starting weights on every DP replica
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=train.adam_eps,
+        clip_grad=train.clip_grad if train.clip_grad > 0 else 0.0,
+        use_distributed_optimizer=use_dist_opt,
+        bf16=tf_config.bf16,
+        fp16=tf_config.fp16,
+        params_dtype=tf_config.params_dtype,
+    )
+    optimizer = get_megatron_optimizer(opt_config, wrapped)
+    tf_config.finalize_model_grads_func = finalize_model_grads
+    tf_config.no_sync_func = [m.no_sync for m in wrapped]
+    if len(wrapped) == 1:
+        tf_config.no_sync_func = tf_config.no_sync_func[0]
+    total = max(train.train_iters * train.staleness, 1)
+    warmup = min(train.lr_warmup_steps, total - 1) if total > 1 else 0
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else train.lr,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=total,
+        lr_decay_style=train.lr_decay_style,
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=total,
+        wd_incr_style="constant",
+    )
+    return OptimizerBundle(model=wrapped, optimizer=optimizer, scheduler=scheduler, total_updates=total)
+
+
+def current_lr(optimizer: Any) -> float:
+    """Learning rate of the first param group (all groups share it here)."""
+    return float(optimizer.param_groups[0]["lr"])
