@@ -1,0 +1,274 @@
+"""Live Megatron model <-> Hugging Face tensors: import HF weights into a (sharded) ``GPTModel`` and
+export it as HF-named full tensors, in byte-size buckets.
+
+Used by ``convert hf-to-mcore`` / ``mcore-to-hf``, by ``save_hf_checkpoint`` and by weight sync
+to the rollout engine. All name/layout knowledge comes from :mod:`megatron_vespo.checkpoint.mapping`.
+
+Export is collective: every rank of the job calls :func:`iter_hf_weights` and iterates it to the
+end (the buckets are produced in lockstep). Shards are reassembled with all-gathers over the
+TP group (non-expert tensors), the expert-TP group and the EP group (experts: local expert j of
+every EP rank in one all-gather), then broadcast over the pipeline group from the stage that
+owns the layer. Importing is local: each rank reads only the HF tensors of its own shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+
+from megatron_vespo.checkpoint.mapping import (
+    ParamRule,
+    Qwen3MoeDims,
+    build_rules,
+    canonical_name,
+    hf_to_mcore,
+    mcore_to_hf,
+    tp_shard,
+    tp_unshard,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+
+
+def unwrap_model(model: Any) -> Any:
+    """The ``GPTModel`` inside DDP / Float16Module wrappers (or a 1-element list of chunks)."""
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ValueError(f"virtual pipeline chunks are not supported by the HF mapping (got {len(model)})")
+        model = model[0]
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@dataclass
+class ShardLayout:
+    """Where this rank's parameters sit in the global model (read from parallel_state)."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    etp_rank: int = 0
+    etp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    groups: dict = field(default_factory=dict)
+
+    @classmethod
+    def current(cls) -> "ShardLayout":
+        """The layout of the initialised Megatron parallel_state (1-process defaults otherwise)."""
+        if not torch.distributed.is_initialized():
+            return cls()
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            return cls()
+        return cls(
+            tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+            etp_rank=ps.get_expert_tensor_parallel_rank(), etp_size=ps.get_expert_tensor_parallel_world_size(),
+            ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ps.get_expert_model_parallel_world_size(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
+            groups={"tp": ps.get_tensor_model_parallel_group(), "etp": ps.get_expert_tensor_parallel_group(),
+                    "ep": ps.get_expert_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group()},
+        )
+
+
+@dataclass
+class LocalParam:
+    """One parameter of this rank with its rule and the TP coordinates it is split over."""
+
+    local_name: str
+    param: torch.nn.Parameter
+    rule: ParamRule
+    tp_rank: int
+    tp_size: int
+
+
+def local_params(model: Any, dims: Qwen3MoeDims, layout: Optional[ShardLayout] = None) -> list[LocalParam]:
+    """Match every parameter of this rank's model shard with its mapping rule.
+
+    Raises ValueError naming the parameter when it has no HF counterpart (unsupported spec).
+    """
+    layout = layout or ShardLayout.current()
+    gpt = unwrap_model(model)
+    layer_global = {k: int(layer.layer_number) - 1 for k, layer in enumerate(gpt.decoder.layers)} \
+        if getattr(gpt, "decoder", None) is not None else {}
+    if dims.num_experts % layout.ep_size:
+        raise ValueError(f"expert_model_parallel_size={layout.ep_size} does not divide num_experts={dims.num_experts}")
+    n_local = dims.num_experts // layout.ep_size
+    rules = {r.mcore: r for r in build_rules(dims)}
+    out = []
+    for name, param in gpt.named_parameters():
+        canon = canonical_name(name, expert_offset=layout.ep_rank * n_local)
+        parts = canon.split(".")
+        if canon.startswith("decoder.layers."):
+            parts[2] = str(layer_global[int(parts[2])])
+            canon = ".".join(parts)
+        if canon == "output_layer.weight" and dims.tie_word_embeddings:
+            canon = "embedding.word_embeddings.weight"  # last-stage copy of the tied embedding
+        if canon not in rules:
+            raise ValueError(f"model parameter '{name}' (global '{canon}') has no Hugging Face counterpart in the "
+                             "Qwen3-MoE mapping; does the model config match config.json?")
+        rule = rules[canon]
+        expert = rule.expert is not None
+        out.append(LocalParam(name, param, rule, layout.etp_rank if expert else layout.tp_rank,
+                              layout.etp_size if expert else layout.tp_size))
+    return out
+
+
+def _all_gather_object(obj: Any, group: Any = None) -> list:
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
+# ----------------------------------------------------------------------------- import
+@torch.no_grad()
+def load_hf_weights(model: Any, reader: Any, dims: Qwen3MoeDims, layout: Optional[ShardLayout] = None) -> int:
+    """Copy HF tensors (from an ``HFCheckpointReader`` or a ``{name: tensor}`` dict) into this rank's shards.
+
+    Collective when torch.distributed is initialised (a final check that the ranks together
+    covered every rule). Returns the number of parameters filled on this rank.
+    """
+    layout = layout or ShardLayout.current()
+    get = reader.get if hasattr(reader, "get") and not isinstance(reader, dict) else reader.__getitem__
+    params = local_params(model, dims, layout)
+    for lp in params:
+        full = hf_to_mcore(lp.rule, [get(n) for n in lp.rule.hf], dims)
+        padded = lp.param.shape[0] * lp.tp_size if lp.rule.vocab else None
+        shard = tp_shard(lp.rule, full, lp.tp_rank, lp.tp_size, padded_vocab=padded)
+        if tuple(shard.shape) != tuple(lp.param.shape):
+            raise ValueError(f"{lp.local_name}: HF tensors {list(lp.rule.hf)} give a shard of shape "
+                             f"{list(shard.shape)}, the model expects {list(lp.param.shape)}")
+        lp.param.data.copy_(shard.to(lp.param.dtype))
+    covered = set().union(*_all_gather_object({lp.rule.mcore for lp in params}))
+    missing = sorted({r.mcore for r in build_rules(dims)} - covered)
+    if missing:
+        raise ValueError(f"no rank holds {len(missing)} model tensors, e.g. {missing[:3]}: the model does not "
+                         "match config.json")
+    return len(params)
+
+
+# ----------------------------------------------------------------------------- export
+def _full_shape(rule: ParamRule, dims: Qwen3MoeDims) -> tuple:
+    shapes = rule.hf_shapes(dims)
+    if rule.kind == "copy":
+        return shapes[0]
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+def _gather_tp(lp: LocalParam, layout: ShardLayout, vocab_size: int) -> torch.Tensor:
+    t = lp.param.detach()
+    if lp.rule.tp_dim is None or lp.tp_size == 1:
+        return tp_unshard(lp.rule, [t], vocab_size)
+    group = layout.groups["etp" if lp.rule.expert is not None else "tp"]
+    shards = [torch.empty_like(t) for _ in range(lp.tp_size)]
+    torch.distributed.all_gather(shards, t.contiguous(), group=group)
+    return tp_unshard(lp.rule, shards, vocab_size)
+
+
+def _plan(dims: Qwen3MoeDims, layout: ShardLayout) -> list[list[ParamRule]]:
+    """Export units in a fixed order: one per non-expert rule; per MoE layer, one per
+    (local expert j, fc) holding the EP-size rules that one all-gather over the EP group yields."""
+    n_local = dims.num_experts // layout.ep_size
+    units: list[Any] = []
+    experts: dict[str, dict] = {}
+    for r in build_rules(dims):
+        if r.expert is None:
+            units.append([r])
+            continue
+        layer = r.mcore.split(".")[2]
+        if layer not in experts:
+            experts[layer] = {}
+            units.append(layer)  # placeholder, expanded below once all experts are known
+        experts[layer][(r.expert, r.mcore.rsplit(".", 2)[-2])] = r
+    out: list[list[ParamRule]] = []
+    for u in units:
+        if isinstance(u, str):
+            out.extend([experts[u][(e * n_local + j, fc)] for e in range(layout.ep_size)]
+                       for j in range(n_local) for fc in ("linear_fc1", "linear_fc2"))
+        else:
+            out.append(u)
+    return out
+
+
+def _pp_owner(local: dict, layout: ShardLayout) -> dict[str, int]:
+    """Global rank (in this rank's pipeline group) of the stage holding each rule."""
+    if layout.pp_size == 1:
+        return {}
+    ranks = torch.distributed.get_process_group_ranks(layout.groups["pp"])
+    owned = _all_gather_object(sorted(local), layout.groups["pp"])
+    return {name: ranks[stage] for stage, names in enumerate(owned) for name in names}
+
+
+def iter_hf_weights(model: Any, dims: Qwen3MoeDims, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                    dtype: Optional[torch.dtype] = None, dst: Optional[int] = None,
+                    layout: Optional[ShardLayout] = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield the full model as HF ``(name, tensor)`` pairs in buckets of about ``bucket_bytes``.
+
+    Every rank must call this and exhaust the iterator (collectives run in lockstep). With
+    ``dst=None`` every rank receives every full tensor; with ``dst=r`` only global rank ``r`` gets
+    tensors and the other ranks get empty buckets at the same points. ``dtype`` casts on export
+    (e.g. bfloat16 for the rollout engine); vocab padding is stripped. Every HF tensor of the
+    model is yielded exactly once.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    layout = layout or ShardLayout.current()
+    local = {lp.rule.mcore: lp for lp in local_params(model, dims, layout)}
+    owner = _pp_owner(local, layout)
+    keep = dst is None or not torch.distributed.is_initialized() or torch.distributed.get_rank() == dst
+    model_dtype = next(iter(local.values())).param.dtype
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for unit in _plan(dims, layout):
+        head = unit[0]
+        if head.expert is None:
+            fulls = [_gather_tp(local[head.mcore], layout, dims.vocab_size)] if head.mcore in local else None
+        elif head.mcore in local or layout.pp_size == 1:
+            mine = _gather_tp(local[unit[layout.ep_rank].mcore], layout, dims.vocab_size)
+            fulls = [torch.empty_like(mine) for _ in unit]
+            if layout.ep_size > 1:
+                torch.distributed.all_gather(fulls, mine.contiguous(), group=layout.groups["ep"])
+            else:
+                fulls = [mine]
+        else:
+            fulls = None
+        if layout.pp_size > 1:
+            src = owner[unit[layout.ep_rank if head.expert is not None else 0].mcore]
+            if fulls is None:
+                fulls = [torch.empty(_full_shape(r, dims), dtype=model_dtype) for r in unit]
+            stacked = torch.stack(fulls)
+            torch.distributed.broadcast(stacked, src=src, group=layout.groups["pp"])
+            fulls = list(stacked.unbind(0))
+        for rule, full in zip(unit, fulls):
+            for name, t in mcore_to_hf(rule, full, dims):
+                if dtype is not None:
+                    t = t.to(dtype)
+                size += t.numel() * t.element_size()
+                if keep:
+                    bucket.append((name, t))
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if size:
+        yield bucket
+
+
+def export_hf_state_dict(model: Any, dims: Qwen3MoeDims, dtype: Optional[torch.dtype] = None) -> dict:
+    """The whole model as one ``{hf_name: tensor}`` dict on every rank (tests, small models)."""
+    out: dict[str, torch.Tensor] = {}
+    for bucket in iter_hf_weights(model, dims, dtype=dtype):
+        for name, t in bucket:
+            if name in out:
+                raise RuntimeError(f"export produced '{name}' twice")
+            out[name] = t
+    return out

@@ -1,0 +1,227 @@
+"""Training checkpoints: save and resume the Megatron actor exactly.
+
+Layout of ``save_dir``::
+
+    latest_checkpointed_iteration.txt   iteration of the newest *complete* checkpoint
+    iter_0000010/
+        megatron_vespo_checkpoint.json  model metadata (+ iteration)     } a model checkpoint:
+        model/  hf/                     dist_checkpointing + HF config   } mcore-to-hf reads it
+        optimizer/                      dist_checkpointing of the Megatron optimizer's sharded state
+        rng/rank_00000.pt ...           python / numpy / torch / CUDA / Megatron RNG-tracker states
+        trainer_state.pt                LR scheduler state_dict + ``state`` (iteration, policy
+                                        version, data-loader position, config ...)
+        trainer_state.json              the JSON-able part of ``state``, for people and tools
+
+Writes are atomic: the iteration directory is written under a temporary name, renamed when every
+rank finished, and only then does ``latest_checkpointed_iteration.txt`` (itself replaced
+atomically) move to it; old iterations beyond ``keep_last`` are deleted afterwards. A crash at
+any point leaves the pointer on a complete checkpoint.
+
+Model and optimizer states are sharded by global tensor (not by rank), so a checkpoint loads
+under another TP/EP/PP layout. RNG states are per rank and restored only under the same world
+size (otherwise a warning names what is skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron_vespo.checkpoint import dist
+from megatron_vespo.checkpoint.export import unwrap_model
+from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint, write_model_checkpoint
+from megatron_vespo.utils.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+LATEST_NAME = "latest_checkpointed_iteration.txt"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+def iteration_dir(save_dir: str | os.PathLike, iteration: int) -> Path:
+    """``save_dir/iter_XXXXXXX``."""
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(save_dir: str | os.PathLike) -> Optional[int]:
+    """The iteration ``latest_checkpointed_iteration.txt`` points to, or None when there is none."""
+    path = Path(save_dir) / LATEST_NAME
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, got {text!r}")
+    return int(text)
+
+
+def latest_iteration_dir(save_dir: str | os.PathLike) -> Path:
+    """Directory of the newest complete checkpoint in ``save_dir`` (ValueError if none)."""
+    it = latest_iteration(save_dir)
+    if it is None:
+        raise ValueError(f"{save_dir}: no {LATEST_NAME}; no complete checkpoint was saved there")
+    path = iteration_dir(save_dir, it)
+    if not path.is_dir():
+        raise ValueError(f"{Path(save_dir) / LATEST_NAME} points to iteration {it} but {path} does not exist")
+    return path
+
+
+def list_iterations(save_dir: str | os.PathLike) -> list[int]:
+    """Iterations with a (renamed, hence complete) directory in ``save_dir``, ascending."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in save_dir.iterdir() if p.is_dir() and (m := _ITER_RE.match(p.name)))
+
+
+# ----------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    """Every RNG stream a training step may draw from."""
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state["megatron_tracker"] = get_cuda_rng_tracker().get_states()
+    except (ImportError, RuntimeError):
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "megatron_tracker" in state:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+
+
+# ----------------------------------------------------------------------------- optimizer
+def _optimizer_sharded_state(optimizer: Any, model: Any, is_loading: bool) -> dict:
+    from megatron_vespo.checkpoint.mcore_io import _strip_extra_state
+
+    model_sd = _strip_extra_state(unwrap_model(model).sharded_state_dict())
+    # fully_reshardable: the distributed optimizer's state is stored per parameter (model space),
+    # so it reloads under another DP/TP/EP layout, like the model.
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                        metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+
+
+def _json_part(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        if isinstance(obj, dict):
+            return {str(k): _json_part(v) for k, v in obj.items()}
+        return repr(obj)
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_trainer_checkpoint(save_dir: str | os.PathLike, iteration: int, *, model: Any, hf_cfg: Any,
+                            optimizer: Any = None, scheduler: Any = None, state: Optional[dict] = None,
+                            keep_last: int = 2, source_dir: Optional[str] = None) -> Path:
+    """Save everything needed to resume at ``iteration`` (collective; every rank calls it).
+
+    Args:
+        model: the model (chunk list, DDP-wrapped or bare ``GPTModel``).
+        hf_cfg: HF config of the model (stored in ``hf/`` so the checkpoint converts to HF).
+        optimizer / scheduler: Megatron optimizer and ``OptimizerParamScheduler`` (optional).
+        state: trainer state to restore verbatim, e.g. ``{"policy_version": 7,
+            "data": loader.state_dict(), "config": job_cfg.model_dump()}``.
+        keep_last: iteration directories to keep (older ones are deleted after the pointer moved).
+        source_dir: HF directory whose tokenizer / generation files are copied into ``hf/``.
+    """
+    from megatron.core import dist_checkpointing
+
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    target = iteration_dir(save_dir, iteration)
+    full_state = {"iteration": int(iteration), **(state or {})}
+    with dist.dist_atomic_dir(target) as tmp:
+        write_model_checkpoint(model, tmp, hf_cfg, source_dir=source_dir, extra_meta={"iteration": int(iteration)})
+        if optimizer is not None:
+            if dist.rank() == 0:
+                (tmp / "optimizer").mkdir()
+            dist.barrier()
+            sharded = _optimizer_sharded_state(optimizer, model, is_loading=False)
+            dist_checkpointing.save(sharded, str(tmp / "optimizer"))
+        (tmp / "rng").mkdir(exist_ok=True)
+        world = torch.distributed.get_world_size() if dist.is_initialized() else 1
+        torch.save({"world_size": world, "rng": rng_state()}, tmp / "rng" / f"rank_{dist.rank():05d}.pt")
+        if dist.rank() == 0:
+            torch.save({"scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "state": full_state}, tmp / "trainer_state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(_json_part(full_state), indent=2, default=str) + "\n")
+        dist.barrier()
+    if dist.rank() == 0:
+        with atomic_path(Path(save_dir) / LATEST_NAME) as fh:
+            fh.write(f"{int(iteration)}\n")
+        _rotate(Path(save_dir), keep_last, int(iteration))
+    dist.barrier()
+    logger.info("saved training checkpoint %s", target)
+    return target
+
+
+def _rotate(save_dir: Path, keep_last: int, latest: int) -> None:
+    iters = [i for i in list_iterations(save_dir) if i != latest]
+    for it in iters[: max(len(iters) - (keep_last - 1), 0)]:
+        shutil.rmtree(iteration_dir(save_dir, it), ignore_errors=True)
+        logger.info("removed old checkpoint iteration %d", it)
+
+
+def load_trainer_checkpoint(load_dir: str | os.PathLike, *, model: Any, optimizer: Any = None,
+                            scheduler: Any = None, iteration: Optional[int] = None,
+                            load_rng: bool = True) -> dict:
+    """Restore a training checkpoint into live objects (collective) and return the saved ``state``.
+
+    ``load_dir`` is a save directory (its latest iteration, or ``iteration``) or an ``iter_*``
+    directory. The model and optimizer load under any layout; RNG states need the same world size.
+    """
+    from megatron.core import dist_checkpointing
+
+    load_dir = Path(load_dir)
+    if iteration is not None:
+        ckpt = iteration_dir(load_dir, iteration)
+    elif (load_dir / LATEST_NAME).is_file():
+        ckpt = latest_iteration_dir(load_dir)
+    else:
+        ckpt = load_dir
+    if not (ckpt / "trainer_state.pt").is_file():
+        raise ValueError(f"{ckpt}: not a training checkpoint (no trainer_state.pt)")
+    load_model_checkpoint(model, ckpt)
+    if optimizer is not None:
+        if not (ckpt / "optimizer" / "metadata.json").is_file():
+            raise ValueError(f"{ckpt / 'optimizer'}: no optimizer state in this checkpoint")
+        sharded = _optimizer_sharded_state(optimizer, model, is_loading=True)
+        optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt / "optimizer")))
+    saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    if scheduler is not None and saved["scheduler"] is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    if load_rng:
+        world = torch.distributed.get_world_size() if dist.is_initialized() else 1
+        rng_file = ckpt / "rng" / f"rank_{dist.rank():05d}.pt"
+        rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+        if rng is None or rng["world_size"] != world:
+            logger.warning("%s: RNG states were saved with another world size; not restored", ckpt)
+        else:
+            set_rng_state(rng["rng"])
+    logger.info("resumed from %s (iteration %d)", ckpt, saved["state"]["iteration"])
+    return saved["state"]
