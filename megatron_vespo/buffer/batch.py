@@ -8,8 +8,8 @@ Alignment (right padding, S = max(P + T) over the batch):
 - ``rollout_log_probs[b, s]`` holds mu(token s) at the same response positions, 0 elsewhere.
 - ``routed_experts[b, s]`` holds the experts the rollout engine chose for token s, for
   s in [0, P+T-1) (SGLang returns routes for every token but the last, which never went through
-  a forward pass). The last real position and the padding get expert 0: with a causal
-  mask they cannot change any trained log-prob.
+  a forward pass); the last real position and the padding hold ``NO_ROUTE``
+  (``routing.routes.collate_routes``, which also explains why that is harmless).
 
 Samples marked ``FLAGGED`` (e.g. misaligned routes) are never trained on: their whole
 prompt group is dropped so group losses (GEPO, SNIS) and group advantages stay consistent.
@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from megatron_vespo.buffer.advantages import AdvantageEstimator, group_advantages
+from megatron_vespo.routing.routes import collate_routes
 from megatron_vespo.types import Sample, SampleStatus, TrainBatch
 
 logger = logging.getLogger(__name__)
@@ -74,19 +75,13 @@ def collate(samples: Sequence[Sample], advantages: torch.Tensor | None = None,
     rollout_lp = torch.zeros(bsz, seq) if all(has_lp) else None
     routes = None
     if all(has_routes):
-        shapes = {tuple(s.routed_experts.shape[1:]) for s in samples}
-        if len(shapes) != 1:
-            raise ValueError(f"routed_experts disagree on [num_moe_layers, topk] across samples: {sorted(shapes)}")
-        n_layers, topk = shapes.pop()
-        routes = torch.zeros(bsz, seq, n_layers, topk, dtype=torch.long)
+        routes = collate_routes([s.routed_experts for s in samples], lengths, seq)
     for b, s in enumerate(samples):
         p, t = len(s.prompt_tokens), len(s.response_tokens)
         tokens[b, : p + t] = torch.tensor(s.tokens, dtype=torch.long)
         loss_mask[b, p : p + t] = 1.0
         if rollout_lp is not None:
             rollout_lp[b, p : p + t] = s.rollout_log_probs.float()
-        if routes is not None:
-            routes[b, : p + t - 1] = s.routed_experts.long()
     group_index = torch.tensor([s.group_index for s in samples], dtype=torch.long)
     if advantages is None:
         rewards = torch.tensor([float(s.reward) for s in samples])

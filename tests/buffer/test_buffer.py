@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_vespo.buffer import collate, drop_unusable_groups, group_advantages
+from megatron_vespo.routing.routes import NO_ROUTE
 from megatron_vespo.types import Sample, SampleStatus
 
 
@@ -65,6 +66,7 @@ def test_collate_alignment():
     assert batch.attention_lengths.tolist() == [5, 6]
     assert batch.routed_experts.shape == (2, 6, 2, 2)
     assert torch.equal(batch.routed_experts[1, :5], samples[1].routed_experts.long())
+    assert (batch.routed_experts[0, 4:] == NO_ROUTE).all() and (batch.routed_experts[1, 5:] == NO_ROUTE).all()
     assert batch.advantages[0] > 0 > batch.advantages[1]
     sub = batch.select(slice(1, 2))
     assert sub.batch_size == 1 and sub.tokens[0].tolist() == batch.tokens[1].tolist()
