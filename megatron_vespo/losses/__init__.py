@@ -11,15 +11,14 @@ Shapes: log_prob, old_log_prob, response_mask (bool or 0/1), rollout_is_weights 
 advantages [B] or [B, T]; group_index [B]. ``metrics`` is a dict of python floats.
 
 Registered losses (one module per family, each opening with its formula and paper):
-``vespo`` (vespo.py), ``grpo``, ``gspo``, ``sapo``, ``cispo``, ``gpg`` (ppo.py), ``gmpo``
-(gmpo.py), ``gepo``, ``snis`` (group.py). Aggregation modes and the micro-batch
+``vespo`` (vespo.py), ``grpo``, ``gspo``, ``sapo``, ``cispo``, ``gpg`` (ppo.py), ``gmpo``,
+``gepo``, ``snis`` (sequence.py). Aggregation modes and the micro-batch
 ``global_denominator`` contract are documented in ``aggregation.py``; TIS/MIS weights
 in ``rollout_is.py``. docs/losses.md has the full reference.
 """
 
-from megatron_vespo.losses import gmpo as _gmpo  # noqa: F401  (registers gmpo)
-from megatron_vespo.losses import group as _group  # noqa: F401  (registers gepo, snis)
 from megatron_vespo.losses import ppo as _ppo  # noqa: F401  (registers grpo, gspo, sapo, cispo, gpg)
+from megatron_vespo.losses import sequence as _sequence  # noqa: F401  (registers gmpo, gepo, snis)
 from megatron_vespo.losses import vespo as _vespo  # noqa: F401  (registers vespo)
 from megatron_vespo.losses.aggregation import AGG_MODES, agg_loss, local_denominator
 from megatron_vespo.losses.inputs import PolicyLossInput

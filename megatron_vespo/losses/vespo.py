@@ -98,6 +98,8 @@ def _vespo_metrics(x: PolicyLossInput, log_w: torch.Tensor, w: torch.Tensor, phi
             m[f"vespo/w_{sign}_mean"] = masked_mean(w, sel)
             m[f"vespo/phi_{sign}_mean"] = masked_mean(phi, sel)
             m[f"vespo/n_{sign}"] = sel.sum()
+        # The reference's outlier watch: negative-advantage sequences whose W exceeds 100.
+        m["vespo/n_neg_w_gt_100"] = (rows & (seq_adv < 0) & (w > 100.0)).sum()
         # Reference's approx_kl: per-sequence mean of log(mu/pi), averaged over sequences.
         seq_kl = -masked_row_sum(log_ratio, x.valid) / x.lengths.clamp(min=1)
         m["vespo/approx_kl_seq"] = masked_mean(seq_kl, rows)

@@ -1,7 +1,23 @@
-r"""Group-normalised sequence losses: GEPO and self-normalised IS (SNIS).
+r"""Sequence- and group-level losses: GMPO, GEPO and self-normalised IS (SNIS).
 
-Both need ``group_index`` [B] (the prompt group of each row, GRPO's n samples per prompt)
-and whole groups inside every loss call: a group split across micro-batches silently
+GMPO, Geometric-Mean Policy Optimization (arXiv 2507.20673); reference: verl
+``compute_policy_loss_geo_mean`` (registered there as ``geo_mean``), as vendored in
+FloyedShen/VESPO. Per token, the log-ratio is clipped in log space on the side that matters
+for the advantage's sign; the sequence ratio is the geometric mean::
+
+    d_t   = log pi_t - log mu_t, clamped to [-20, 20] (verl leaves this clamp commented out;
+            we enable it so |d| up to 1e4 stays finite: identical whenever |d_t| <= 20)
+    sgn   = sign(A)
+    c_t   = sgn * min(sgn d_t, sgn clamp(d_t, -eps_low, eps_high))
+    rho_i = exp(sum_t m c_t / n_i)                 (n_i = valid tokens, + 1e-8 as verl)
+    l_i   = -A_i rho_i [* exp(sum_t m log(w_t + 1e-10) / n_i) with TIS weights w]
+    loss  = sum_i l_i / B                          (mean over all rows, verl's torch.mean)
+
+``eps_low`` / ``eps_high`` are log-space bounds (default 0.4 each, GMPO's setting).
+``loss_agg_mode`` is not used; micro-batch D = number of rows.
+
+GEPO and SNIS need ``group_index`` [B] (the prompt group of each row, GRPO's n samples per
+prompt) and whole groups inside every loss call: a group split across micro-batches silently
 changes the normaliser, so pass ``group_size`` to have it checked.
 
 GEPO (arXiv 2508.17850, authors' code yelurebajrang/HeteroRL_GEPO)::
@@ -30,8 +46,8 @@ groups in every mini-batch *and* loss call, since the normaliser sums over the g
 weights are recomputed from the current log-probs after every optimizer update (this loss
 does so on every call; never cache w^ across mini-batches).
 
-Shapes: log_prob, old_log_prob, response_mask [B, T]; advantages [B] or row-constant [B, T];
-group_index [B].
+Shapes: log_prob, old_log_prob, response_mask, rollout_is_weights [B, T]; advantages [B] or
+row-constant [B, T]; group_index [B] (gepo, snis).
 """
 
 from __future__ import annotations
@@ -43,12 +59,45 @@ import torch
 
 from megatron_vespo.losses.aggregation import agg_loss, divide_by_denominator, masked_row_sum
 from megatron_vespo.losses.inputs import PolicyLossInput
-from megatron_vespo.losses.metrics import ess, kl_metrics, masked_mean, masked_stats, seq_stats
+from megatron_vespo.losses.metrics import clip_fraction, ess, kl_metrics, masked_mean, masked_stats, seq_stats
 from megatron_vespo.losses.registry import register_loss
 from megatron_vespo.losses.vespo import sequence_log_weight
 
 logger = logging.getLogger(__name__)
 LOG_CLAMP = 20.0
+
+
+@register_loss("gmpo", default_agg_mode=None, reduction="rows", sequence_level=True)
+def gmpo_loss(
+    x: PolicyLossInput,
+    *,
+    clip_ratio_low: float = 0.4,
+    clip_ratio_high: float = 0.4,
+) -> tuple[torch.Tensor, dict]:
+    """GMPO: geometric mean of sign-aware log-space-clipped token ratios times A, mean over rows."""
+    if clip_ratio_low < 0 or clip_ratio_high < 0:
+        raise ValueError(f"clip_ratio_low / clip_ratio_high must be >= 0, got {clip_ratio_low} / {clip_ratio_high}")
+    delta = (x.log_prob - x.old_log_prob).clamp(-LOG_CLAMP, LOG_CLAMP)
+    adv = x.advantages  # [B, 1], row-constant
+    sgn = torch.sign(adv)
+    delta_clamped = delta.clamp(-clip_ratio_low, clip_ratio_high)
+    clipped = sgn * torch.minimum(sgn * delta, sgn * delta_clamped)
+    # verl divides by (n + 1e-8): kept so the value matches to the last bit.
+    denom = x.lengths + 1e-8
+    rho = torch.exp((clipped * x.mask).sum(dim=-1) / denom)
+    seq_loss = -adv[:, 0] * rho
+    if x.rollout_is_weights is not None:
+        log_w = torch.log(x.rollout_is_weights + 1e-10)
+        seq_loss = seq_loss * torch.exp((log_w * x.mask).sum(dim=-1) / denom)
+    loss = divide_by_denominator(seq_loss.sum(), x.global_denominator, seq_loss.shape[0])
+    with torch.no_grad():
+        m = masked_stats("ratio", torch.exp(delta.detach()), x.valid)
+        m.update(masked_stats("seq_ratio", rho.detach(), x.nonempty))
+        m.update(kl_metrics(delta.detach(), x.valid))
+        was_clipped = delta.detach() != delta_clamped.detach()
+        m["clipfrac"] = clip_fraction(was_clipped & (adv > 0), x.valid)
+        m["clipfrac_lower"] = clip_fraction(was_clipped & (adv < 0), x.valid)
+    return loss, m
 
 
 def group_sum(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
