@@ -117,30 +117,35 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child(fn: Callable, r: int, world: int, port: int, args: tuple, errors: Any) -> None:
+def _child(fn: Callable, r: int, world: int, port: int, args: tuple, results: Any) -> None:
     os.environ.update({"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     try:
-        fn(*args)
+        out = fn(*args)
+        if r == 0:
+            results.put((r, True, out, ""))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which re-raises
-        errors.put((r, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        results.put((r, False, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         raise SystemExit(1) from None
 
 
-def launch_local(fn: Callable, nproc: int, *args: Any) -> None:
-    """Run ``fn(*args)`` on ``nproc`` local processes (gloo/NCCL via RANK/WORLD_SIZE env vars).
+def launch_local(fn: Callable, nproc: int, *args: Any) -> Any:
+    """Run ``fn(*args)`` on ``nproc`` local processes and return rank 0's result.
 
-    With ``nproc == 1``, or when already inside a torchrun job (``WORLD_SIZE`` set), ``fn`` runs in
-    this process. Otherwise ranks are spawned here; the first rank's error is re-raised (as
-    ValueError when the rank raised one, so bad input keeps its message).
+    Ranks find each other through RANK/WORLD_SIZE/MASTER_* env vars (what ``init_process_group``
+    reads). With ``nproc == 1``, or inside a launched job (``WORLD_SIZE`` > 1), ``fn`` runs in this
+    process. Otherwise ranks are spawned here; the first failing rank's error is re-raised (as
+    ValueError when the rank raised one, so bad input keeps its message). ``fn`` and its result
+    must pickle.
     """
-    if nproc == 1 or "WORLD_SIZE" in os.environ:
-        fn(*args)
-        return
+    if nproc == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # already one rank of a launched job (torchrun / srun set WORLD_SIZE); a leftover
+        # WORLD_SIZE=1 from an earlier 1-process group in this process does not count
+        return fn(*args)
     ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
+    results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, nproc, port, args, errors)) for r in range(nproc)]
+    procs = [ctx.Process(target=_child, args=(fn, r, nproc, port, args, results)) for r in range(nproc)]
     for p in procs:
         p.start()
     first_failure = None
@@ -155,14 +160,18 @@ def launch_local(fn: Callable, nproc: int, *args: Any) -> None:
                 if p.is_alive():
                     p.terminate()
                     p.join(timeout=5.0)
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
+    collected = []
+    while True:
+        try:
+            collected.append(results.get(timeout=0.5))
+        except Exception:  # noqa: BLE001 - queue.Empty from the multiprocessing queue
+            break
+    failures = sorted((r, msg, tb) for r, ok, msg, tb in collected if not ok)
+    for r, _, tb in failures:
+        logger.debug("rank %d traceback:\n%s", r, tb)
     if failures or any(p.exitcode for p in procs):
-        failures.sort()
-        for r, _, tb in failures:
-            logger.debug("rank %d traceback:\n%s", r, tb)
-        msg = failures[0][1] if failures else f"a rank exited with code {[p.exitcode for p in procs]}"
+        msg = failures[0][1] if failures else f"ranks exited with codes {[p.exitcode for p in procs]}"
         if msg.startswith(("ValueError: ", "ConfigError: ")):
             raise ValueError(msg.split(": ", 1)[1])
         raise RuntimeError(f"rank {failures[0][0] if failures else '?'} failed: {msg}")
+    return next((out for r, ok, out, _ in collected if ok and r == 0), None)

@@ -212,7 +212,8 @@ def _pp_owner(local: dict, layout: ShardLayout) -> dict[str, int]:
 def iter_hf_weights(model: Any, dims: Qwen3MoeDims, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                     dtype: Optional[torch.dtype] = None, dst: Optional[int] = None,
                     layout: Optional[ShardLayout] = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield the full model as HF ``(name, tensor)`` pairs in buckets of about ``bucket_bytes``.
+    """Yield the full model as HF ``(name, tensor)`` pairs in buckets of at most ``bucket_bytes``
+    (a single larger tensor gets a bucket of its own).
 
     Every rank must call this and exhaust the iterator (collectives run in lockstep). With
     ``dst=None`` every rank receives every full tensor; with ``dst=r`` only global rank ``r`` gets
@@ -253,12 +254,13 @@ def iter_hf_weights(model: Any, dims: Qwen3MoeDims, *, bucket_bytes: int = DEFAU
             for name, t in mcore_to_hf(rule, full, dims):
                 if dtype is not None:
                     t = t.to(dtype)
-                size += t.numel() * t.element_size()
+                nbytes = t.numel() * t.element_size()
+                if size and size + nbytes > bucket_bytes:  # same sizes on every rank: lockstep
+                    yield bucket
+                    bucket, size = [], 0
+                size += nbytes
                 if keep:
                     bucket.append((name, t))
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
     if size:
         yield bucket
 

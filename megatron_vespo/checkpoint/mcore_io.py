@@ -203,10 +203,7 @@ def save_hf_checkpoint(model: Any, hf_cfg: Any, out_dir: str | os.PathLike, *, s
             shards = writer.finalize()
             if source_dir is not None:
                 copy_side_files(source_dir, tmp)
-            if source_dir is None or config_dtype(cfg) != dtype:
-                # config.json must declare the dtype the weights are stored in
-                for key in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
-                    cfg[key] = dtype_name(dtype)
+            if _normalize_config(cfg, dtype) or source_dir is None:
                 (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
             logger.info("wrote %d HF shard(s), %.1f MB, dtype %s to %s", len(shards), writer.total_bytes / 1e6,
                         dtype_name(dtype), out_dir)
@@ -214,6 +211,24 @@ def save_hf_checkpoint(model: Any, hf_cfg: Any, out_dir: str | os.PathLike, *, s
         if verify_fn is not None:
             verify_fn(tmp)
     return Path(out_dir)
+
+
+def _normalize_config(cfg: dict, dtype: torch.dtype) -> bool:
+    """Make ``cfg`` describe the written weights for every loader; True when it changed.
+
+    * the declared dtype must be the dtype of the safetensors we write;
+    * transformers 5 saves the expert count as ``num_local_experts`` only, which transformers 4.x
+      (hence SGLang / vLLM images pinned to it) ignores, silently defaulting ``num_experts`` to 128.
+    """
+    changed = False
+    if config_dtype(cfg) != dtype:
+        for key in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
+            cfg[key] = dtype_name(dtype)
+        changed = True
+    if "num_experts" not in cfg and "num_local_experts" in cfg:
+        cfg["num_experts"] = cfg["num_local_experts"]
+        changed = True
+    return changed
 
 
 def _megatron_version() -> str:
