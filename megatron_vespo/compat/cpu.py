@@ -30,6 +30,8 @@ and a no-op when CUDA is available. Every patch names the megatron-core 0.16.1
    ``grad.type() == 'torch.cuda.FloatTensor'`` (``optimizer/clip_grads.py:167``) -> a
    ``TorchFunctionMode`` that, for calls made from ``megatron.*`` code only, maps CUDA device
    arguments to CPU, makes ``Tensor.cuda()`` a no-op and reports CUDA type strings.
+9. ``torch.cuda.synchronize()`` after batched p2p ops (``pipeline_parallel/
+   p2p_communication.py:398``, pipeline parallelism) -> a no-op: CPU ops are synchronous.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def apply_cpu_compat(force: bool = False) -> bool:
     _patch_split_sizes_to_numpy()
     _patch_torch_norm_sequence_parallel()
     _enable_device_mode()
+    _patch_synchronize()
     _APPLIED = True
     logger.info("megatron-core CPU compatibility patches applied")
     return True
@@ -292,6 +295,12 @@ class _CudaToCpuMode(TorchFunctionMode):
             elif func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]) and _called_from_megatron():
                 args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
+
+
+# 9. torch.cuda.synchronize ----------------------------------------------------------------
+def _patch_synchronize() -> None:
+    # p2p_communication.py:398 (batch_p2p_sync) waits for the device; nothing is queued on CPU.
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
 
 
 def _enable_device_mode() -> None:

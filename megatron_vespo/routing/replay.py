@@ -93,6 +93,8 @@ class RoutingReplay:
         self._records: list[list[torch.Tensor]] = [[] for _ in self.routers]
         self._contexts: list[_MicroBatchContext] = []
         self.consumed = 0
+        self.recomputed = 0
+        self.last_counts = (0, 0)  # (forwards, recompute re-runs) replayed in the last finished phase
         self._hooks = []
         for i, (_, router) in enumerate(self.routers):
             self._hooks.append(router.register_forward_pre_hook(self._make_pre_hook(i)))
@@ -167,6 +169,7 @@ class RoutingReplay:
         left = [(self.routers[i][0], len(q)) for i, q in enumerate(self._fwd) if q]
         left_bwd = [(self.routers[i][0], len(q)) for i, q in enumerate(self._bwd) if q]
         consumed = self.consumed
+        self.last_counts = (self.consumed, self.recomputed)
         self._reset()
         self.phase = None
         for _, r in self.routers:
@@ -191,6 +194,7 @@ class RoutingReplay:
         self._records = [[] for _ in self.routers]
         self._contexts = []
         self.consumed = 0
+        self.recomputed = 0
 
     def _make_pre_hook(self, i: int):
         from megatron.core.tensor_parallel.random import is_checkpointing
@@ -205,6 +209,8 @@ class RoutingReplay:
                 raise RuntimeError(f"routing replay: router of MoE layer {layer} ran a "
                                    f"{'recompute' if recompute_backward else 'forward'} with no routes queued")
             target = queue.pop(0)
+            if recompute_backward:
+                self.recomputed += 1
             if is_checkpointing() and not torch.is_grad_enabled() and router.training:
                 self._bwd[i].append(target)  # this forward will be re-run during backward
             hidden = args[0]

@@ -158,13 +158,15 @@ class MegatronActor:
                 mode = self._routing_phase("record")
             elif routes is not None or self.routing_cfg.mode == "R3":
                 mode = self._routing_phase("R3" if routes is None else "R2")
-        mbs = []
-        for k in range(b // mini):
-            mbs += self._micro_batches(batch, batching.mini_batch_rows(b, mini, k), self.train_cfg.micro_batch_size,
-                                       routes=routes)
+        out = []
         try:
-            out = forward_log_probs(self.model, mbs, temperature=self.temperature, with_entropy=with_entropy,
-                                    routing=self.routing, routing_mode=mode)
+            # one schedule call per mini-batch: all micro-batches of a call share one length
+            # (pipeline p2p shapes), and a rank walks exactly the rows it will train on
+            for k in range(b // mini):
+                mbs = self._micro_batches(batch, batching.mini_batch_rows(b, mini, k),
+                                          self.train_cfg.micro_batch_size, routes=routes)
+                out += forward_log_probs(self.model, mbs, temperature=self.temperature, with_entropy=with_entropy,
+                                         routing=self.routing, routing_mode=mode)
             recorded = self.routing.collect_records(b, s) if mode == "record" else None
         finally:
             if mode != "disabled":
@@ -267,6 +269,9 @@ class MegatronActor:
         elapsed = time.perf_counter() - t0
         metrics = self._report(batch, rows, old, mask, is_weights, stashes, denom, grad_norm, ok, elapsed)
         metrics["lr"] = lr
+        if self.routing is not None:
+            metrics["routing/replayed_forwards"] = float(self.routing.last_counts[0])
+            metrics["routing/replayed_recomputes"] = float(self.routing.last_counts[1])
         return metrics
 
     def _report(self, batch: TrainBatch, rows: torch.Tensor, old: torch.Tensor, mask: torch.Tensor,

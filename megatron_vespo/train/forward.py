@@ -26,12 +26,13 @@ from megatron_vespo.train.logprobs import token_log_probs
 LossCallback = Callable[[MicroBatch, torch.Tensor, Optional[torch.Tensor]], tuple[torch.Tensor, Any]]
 
 
-def _routes_for(mb: MicroBatch, routing_mode: str) -> torch.Tensor:
+def _routes_for(mb: MicroBatch, routing_mode: str, layers: list[int]) -> torch.Tensor:
     if mb.routed_experts is None:
         raise ValueError(f"routing replay {routing_mode}: no routes for micro-batch rows {mb.rows.tolist()}")
     if routing_mode == "R3":
         return fill_unrouted(mb.routed_experts, mb.attention_lengths.to(mb.routed_experts.device))
-    missing = (mb.routed_experts < 0).flatten(2).any(-1)  # [b, S]
+    # R2 records only this pipeline stage's layers: check those
+    missing = (mb.routed_experts[:, :, layers] < 0).flatten(2).any(-1)  # [b, S]
     if bool(missing.any()):
         b, s = (int(v) for v in missing.nonzero()[0])
         raise ValueError(f"routing replay R2: no recorded route for sample {int(mb.rows[b])} position {s}")
@@ -72,7 +73,7 @@ def run_schedule(
             if routing_mode == "record":
                 routing.push_micro_batch(mb.rows, seq_len=mb.seq_len)
             elif routing_mode in ("R2", "R3"):
-                routing.push_micro_batch(mb.rows, routes=_routes_for(mb, routing_mode))
+                routing.push_micro_batch(mb.rows, routes=_routes_for(mb, routing_mode, routing.layers))
         output = chunk(mb.tokens, mb.position_ids, None)
         return output, partial(loss_func, mb)
 
