@@ -165,7 +165,9 @@ def response_to_sample(response: Mapping[str, Any], prompt_tokens: Sequence[int]
         flags.append(f"meta_info.completion_tokens={meta['completion_tokens']} but {len(output_ids)} output_ids")
     log_probs = _log_probs(meta, output_ids, flags) if expect_log_probs else None
     routes = None
-    if expect_routes:
+    # A request aborted before its prefill has no routes (SGLang returns none): not an inconsistency.
+    never_ran = status == SampleStatus.ABORTED and not output_ids and meta.get("routed_experts") is None
+    if expect_routes and not never_ran:
         routes = _routes(meta, len(prompt) + len(output_ids), route_spec, routed_experts_start_len,
                          prefix_routes, flags)
         retractions = int(meta.get("num_retractions") or 0)

@@ -257,12 +257,15 @@ class EmbeddedEngine:
                 with self._cv:
                     self._running = []
 
-    def _gate(self) -> None:
-        """Before each decode step: wait while paused (running control calls meanwhile)."""
+    def _gate(self, reqs: list[GenRequest]) -> None:
+        """Before each decode step: wait while paused (running control calls meanwhile).
+
+        Returns early when one of ``reqs`` is aborted, so an abort answers during a pause.
+        """
         while True:
             self._run_controls()
             with self._cv:
-                if not self._paused or self._stopping:
+                if not self._paused or self._stopping or any(r.aborted for r in reqs):
                     return
                 self._cv.wait(timeout=0.05)
 
@@ -297,14 +300,13 @@ class EmbeddedEngine:
         step = 0
         try:
             while rows:
-                self._gate()
+                self._gate([live[i] for i in rows])
                 if any(live[i].aborted for i in rows):
                     for i in rows:
                         if live[i].aborted:
                             live[i].finish(_abort(live[i].aborted))
                     ids, attn, pos, rows = self._compact(cache, ids, attn, pos, rows, live)
-                    if not rows:
-                        break
+                    continue  # the rest may still be paused: gate again
                 if capture is not None:
                     capture.start()
                 out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,

@@ -163,8 +163,8 @@ def render_response(req: GenRequest, weight_version: str, decode: Optional[Calla
         meta["output_token_logprobs"] = [[lp, tok, text_of(tok)] for lp, tok in zip(req.output_logprobs,
                                                                                      req.output_ids)]
         meta["output_token_logprobs_length"] = t
-    if req.return_routed_experts:
-        rows = torch.cat(req.routes, dim=0) if req.routes else torch.zeros(0, 1, 1, dtype=torch.int32)
+    if req.return_routed_experts and req.routes:  # absent when the request never ran (aborted in queue)
+        rows = torch.cat(req.routes, dim=0)
         meta["routed_experts"] = encode_routes(rows[req.routed_experts_start_len: len(req.input_ids) + t - 1])
     meta["e2e_latency"] = time.monotonic() - req.created
     out: dict[str, Any] = {}

@@ -186,12 +186,12 @@ class EmbeddedServerHandle:
         """Stop the server (and its engine)."""
         if self.process is not None:
             self.process.stop()
+        if self.engine is not None:  # first: aborts in-flight requests so their HTTP calls return
+            self.engine.shutdown()
         if self._server is not None:
             self._server.should_exit = True
             self._thread.join(timeout=30)
             self._server = None
-        if self.engine is not None:
-            self.engine.shutdown()
 
     def __enter__(self) -> "EmbeddedServerHandle":
         return self
@@ -245,7 +245,8 @@ def start_embedded_server(model_path: Optional[str] = None, *, preset: Optional[
     sock.bind((host, port or 0))  # binding port 0 here avoids the find-a-free-port race
     port = sock.getsockname()[1]
     app = build_app(engine, {"host": host, "port": port, "frontend": "embedded-thread"})
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                                timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"embedded-http-{port}",
                               daemon=True)
     thread.start()
