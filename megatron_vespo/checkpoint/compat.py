@@ -13,6 +13,12 @@ CUDA is available. Paths are relative to ``megatron/core/dist_checkpointing/stra
    waiting in ``count_queue.join()``. On CPU the writes are done in-process instead: same
    ``write_preloaded_data`` per bucket, same result dict, plain ``queue.Queue``s.
 
+Independent of the device, :func:`patch_torch_adam_resume` fixes loading a distributed-optimizer
+checkpoint when the inner optimizer is ``torch.optim.Adam`` (no Apex / Transformer Engine):
+``optimizer/distrib_optimizer.py:937-940`` copies every key of the live per-parameter state,
+which for torch Adam includes ``step``, from the loaded tensors, which do not have it (the step
+is restored from the param groups at ``:817-823``) -> KeyError. The patch supplies the live step.
+
 Checkpointing also needs ``psutil`` (``filesystem_async.py:642`` raises without it, inside the
 writer, where the error used to turn into a hang); :func:`apply_dist_ckpt_cpu_compat` checks for
 it up front on every platform.
@@ -31,6 +37,7 @@ from megatron_vespo.utils.imports import require
 logger = logging.getLogger(__name__)
 
 _APPLIED = False
+_ADAM_PATCHED = False
 
 
 def apply_dist_ckpt_cpu_compat(force: bool = False) -> bool:
@@ -78,3 +85,23 @@ def apply_dist_ckpt_cpu_compat(force: bool = False) -> bool:
     _APPLIED = True
     logger.info("dist_checkpointing CPU patches applied (in-process writes)")
     return True
+
+
+def patch_torch_adam_resume() -> None:
+    """Let ``DistributedOptimizer`` load fully-reshardable state into torch Adam (see module docstring)."""
+    global _ADAM_PATCHED
+    if _ADAM_PATCHED:
+        return
+    do = require("megatron.core.optimizer.distrib_optimizer", "loading optimizer checkpoints")
+    original = do.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self: Any, model_param: Any, tensors: dict) -> None:
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        original(self, model_param, tensors)
+
+    do.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    _ADAM_PATCHED = True

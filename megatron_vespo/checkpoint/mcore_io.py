@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_vespo.checkpoint import dist
 from megatron_vespo.checkpoint.export import DEFAULT_BUCKET_BYTES, ShardLayout, iter_hf_weights, unwrap_model
@@ -29,6 +30,9 @@ from megatron_vespo.checkpoint.mapping import Qwen3MoeDims
 from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
+
+#: torch.distributed.checkpoint's CheckpointException derives from BaseException, not Exception
+_LOAD_ERRORS = (Exception, CheckpointException)
 
 META_NAME = "megatron_vespo_checkpoint.json"
 FORMAT_VERSION = 1
@@ -165,7 +169,7 @@ def load_model_checkpoint(model: Any, ckpt_dir: str | os.PathLike) -> dict:
     sharded = _strip_extra_state(gpt.sharded_state_dict())
     try:
         state = dist_checkpointing.load(sharded, str(Path(ckpt_dir) / MODEL_SUBDIR), strict=StrictHandling.RAISE_ALL)
-    except Exception as exc:  # megatron raises CheckpointingException / KeyError with details
+    except _LOAD_ERRORS as exc:  # megatron's CheckpointingException, KeyError, torch's CheckpointException
         raise ValueError(f"{Path(ckpt_dir) / MODEL_SUBDIR}: cannot load into this model ({exc})") from exc
     result = gpt.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]

@@ -37,7 +37,7 @@ import torch
 
 from megatron_vespo.checkpoint import dist
 from megatron_vespo.checkpoint.export import unwrap_model
-from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint, write_model_checkpoint
+from megatron_vespo.checkpoint.mcore_io import _LOAD_ERRORS, load_model_checkpoint, write_model_checkpoint
 from megatron_vespo.utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,45 @@ def _optimizer_sharded_state(optimizer: Any, model: Any, is_loading: bool) -> di
     # so it reloads under another DP/TP/EP layout, like the model.
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                         metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+
+
+def _prime_empty_adam_state(optimizer: Any) -> None:
+    """Give a fresh torch Adam inside a Megatron optimizer zero state (step 0) before loading into it.
+
+    megatron-core 0.16.1 ``DistributedOptimizer.state_dict()`` (``optimizer/distrib_optimizer.py:642``)
+    asserts that every parameter has a ``step`` when neither Apex nor TE is installed, but a freshly
+    built optimizer has no state yet, so loading a checkpoint into it fails. The primed values are
+    replaced by the loaded ones.
+    """
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW) or len(inner.state):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p.data),
+                                  "exp_avg_sq": torch.zeros_like(p.data)}
+
+
+def _saved_layout(ckpt: Path) -> Any:
+    try:
+        return json.loads((ckpt / "megatron_vespo_checkpoint.json").read_text()).get("saved_layout")
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def _unshare_adam_steps(optimizer: Any) -> None:
+    """Give every parameter its own ``step`` tensor after a load.
+
+    ``DistributedOptimizer.load_state_dict`` (``distrib_optimizer.py:823``) assigns one step
+    tensor object to every parameter and torch Adam keeps it as is, so the in-place ``step += 1``
+    of each parameter would advance the shared counter once per parameter per update.
+    """
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            if isinstance(st, dict) and isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
 
 
 def _json_part(obj: Any) -> Any:
@@ -210,8 +249,21 @@ def load_trainer_checkpoint(load_dir: str | os.PathLike, *, model: Any, optimize
     if optimizer is not None:
         if not (ckpt / "optimizer" / "metadata.json").is_file():
             raise ValueError(f"{ckpt / 'optimizer'}: no optimizer state in this checkpoint")
+        from megatron_vespo.checkpoint.compat import patch_torch_adam_resume
+
+        patch_torch_adam_resume()
+        _prime_empty_adam_state(optimizer)
         sharded = _optimizer_sharded_state(optimizer, model, is_loading=True)
-        optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt / "optimizer")))
+        try:
+            loaded = dist_checkpointing.load(sharded, str(ckpt / "optimizer"))
+        except _LOAD_ERRORS as exc:  # every rank sees the planner error (it is gathered), so all raise
+            raise ValueError(
+                f"{ckpt / 'optimizer'}: the optimizer state does not fit this optimizer ({type(exc).__name__}). "
+                f"It was saved under layout {_saved_layout(ckpt)}; Megatron's optimizer state is keyed by its "
+                "chained sub-optimizers, which change with the layout. Resume with the saved layout, or load "
+                "the model only (optimizer=None) and start a fresh optimizer.") from exc
+        optimizer.load_state_dict(loaded)
+        _unshare_adam_steps(optimizer)
     saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
