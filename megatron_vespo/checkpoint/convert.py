@@ -95,14 +95,16 @@ def megatron_logits(model: Any, tokens: torch.Tensor, vocab_size: int) -> torch.
     gpt = unwrap_model(model)
     was_training = gpt.training
     gpt.eval()
-    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    device = next(gpt.parameters()).device
+    tokens = tokens.to(device)
+    pos = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
     try:
         logits = gpt(tokens, pos, None)
     finally:
         gpt.train(was_training)
     if ps.get_tensor_model_parallel_world_size() > 1:
         logits = gather_from_tensor_model_parallel_region(logits)
-    return logits[..., :vocab_size].float()
+    return logits[..., :vocab_size].float().cpu()
 
 
 def random_tokens(vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:

@@ -37,6 +37,13 @@ def rank() -> int:
     return torch.distributed.get_rank() if is_initialized() else 0
 
 
+def collective_device() -> torch.device:
+    """Where tensors for collectives on the default group must live (CUDA for NCCL, else CPU)."""
+    if is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     """Global barrier (no-op without torch.distributed)."""
     if is_initialized():
@@ -56,7 +63,7 @@ def all_ok(ok: bool) -> bool:
     """True on every rank iff ``ok`` is True on every rank."""
     if not is_initialized():
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=collective_device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
 

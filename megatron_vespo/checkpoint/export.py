@@ -228,6 +228,7 @@ def iter_hf_weights(model: Any, dims: Qwen3MoeDims, *, bucket_bytes: int = DEFAU
     owner = _pp_owner(local, layout)
     keep = dst is None or not torch.distributed.is_initialized() or torch.distributed.get_rank() == dst
     model_dtype = next(iter(local.values())).param.dtype
+    device = next(iter(local.values())).param.device
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for unit in _plan(dims, layout):
@@ -246,7 +247,7 @@ def iter_hf_weights(model: Any, dims: Qwen3MoeDims, *, bucket_bytes: int = DEFAU
         if layout.pp_size > 1:
             src = owner[unit[layout.ep_rank if head.expert is not None else 0].mcore]
             if fulls is None:
-                fulls = [torch.empty(_full_shape(r, dims), dtype=model_dtype) for r in unit]
+                fulls = [torch.empty(_full_shape(r, dims), dtype=model_dtype, device=device) for r in unit]
             stacked = torch.stack(fulls)
             torch.distributed.broadcast(stacked, src=src, group=layout.groups["pp"])
             fulls = list(stacked.unbind(0))
