@@ -18,14 +18,34 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+
+try:  # SIMD base64 (an SGLang dependency): ~50x faster than the stdlib on 2 KB/token Qwen3-30B routes
+    _pybase64 = importlib.import_module("pybase64")
+except ImportError:  # pragma: no cover - depends on the environment
+    _pybase64 = None
+
+
+def _b64decode(payload: str) -> bytes:
+    """Strict base64 decode (rejects characters outside the alphabet)."""
+    if _pybase64 is not None:
+        return _pybase64.b64decode(payload, validate=True)
+    if sys.version_info >= (3, 11):
+        return binascii.a2b_base64(payload, strict_mode=True)
+    return base64.b64decode(payload, validate=True)
+
+
+def _b64encode(data: bytes) -> str:
+    return (_pybase64.b64encode(data) if _pybase64 is not None else base64.b64encode(data)).decode("utf-8")
 
 
 class RouteDecodeError(ValueError):
@@ -124,7 +144,7 @@ def encode_routes(routes: torch.Tensor | np.ndarray) -> str:
     arr = routes.cpu().numpy() if isinstance(routes, torch.Tensor) else np.asarray(routes)
     if arr.ndim != 3:
         raise ValueError(f"routes must be [rows, num_layers, topk], got shape {arr.shape}")
-    return base64.b64encode(np.ascontiguousarray(arr, dtype=np.int32).tobytes()).decode("utf-8")
+    return _b64encode(np.ascontiguousarray(arr, dtype=np.int32).tobytes())
 
 
 def decode_routes(payload: str, *, num_tokens: int, spec: RouteSpec, start_len: int = 0) -> torch.Tensor:
@@ -148,7 +168,7 @@ def decode_routes(payload: str, *, num_tokens: int, spec: RouteSpec, start_len: 
     if full_rows < 0 or not 0 <= start_len <= max(full_rows, 0):
         raise RouteDecodeError(f"bad route window: num_tokens={num_tokens}, start_len={start_len}")
     try:
-        raw = base64.b64decode(payload, validate=True)
+        raw = _b64decode(payload)
     except (binascii.Error, ValueError) as exc:
         raise RouteDecodeError(f"routed_experts is not valid base64 ({exc})") from None
     per_token = spec.wire_ints_per_token * 4

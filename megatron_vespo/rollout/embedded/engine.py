@@ -20,6 +20,7 @@ import collections
 import logging
 import random
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
@@ -61,12 +62,14 @@ class EmbeddedEngine:
         weight_version: initial version string (SGLang's default is ``"default"``).
         random_seed: seeds requests without ``sampling_seed`` (in arrival order).
         max_batch_size: requests per batch.
+        batch_wait_s: after the first queued request, wait this long for more to join its batch
+            (concurrent HTTP requests arrive a few ms apart; without it the first runs alone).
         return_original_logprob: report raw log-probs (default: ``SGLANG_RETURN_ORIGINAL_LOGPROB``).
     """
 
     def __init__(self, model: Any, *, model_path: Optional[str] = None, tokenizer: Any = None,
                  weight_version: str = "default", random_seed: int = 0, max_batch_size: int = 32,
-                 return_original_logprob: Optional[bool] = None):
+                 batch_wait_s: float = 0.02, return_original_logprob: Optional[bool] = None):
         self.model = model.eval()
         self.model_path = model_path
         self.tokenizer = tokenizer
@@ -76,6 +79,7 @@ class EmbeddedEngine:
         self.eos_ids = _eos_ids(model)
         self.weight_version = str(weight_version)
         self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
         self.random_seed = random_seed
         self.original_logprob = (return_original_logprob_from_env() if return_original_logprob is None
                                  else return_original_logprob)
@@ -242,6 +246,10 @@ class EmbeddedEngine:
                     return
             self._run_controls()
             with self._cv:
+                deadline = time.monotonic() + self.batch_wait_s  # let concurrent arrivals join the batch
+                while (self._pending and len(self._pending) < self.max_batch_size and not self._stopping
+                       and deadline > time.monotonic()):
+                    self._cv.wait(timeout=deadline - time.monotonic())
                 if self._paused or not self._pending:
                     continue
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
