@@ -159,7 +159,7 @@ class RoutingReplay:
                 if local.shape[0] != ctx.seq_len:
                     raise RuntimeError(f"MoE layer {layer} recorded {local.shape[0]} positions for a micro-batch "
                                        f"of length {ctx.seq_len}")
-                out[ctx.rows, :ctx.seq_len, layer] = local.transpose(0, 1).to(torch.long)
+                out[ctx.rows, :ctx.seq_len, layer] = local.transpose(0, 1).to("cpu", torch.long)
         self._records = [[] for _ in self.routers]
         self._contexts = []
         return out
@@ -230,7 +230,7 @@ class RoutingReplay:
                 rec = router.router_replay.get_recorded_indices()
                 if rec is None:
                     raise RuntimeError(f"router of MoE layer {self.routers[i][0]} did not record its routing")
-                self._records[i].append(rec.detach().to("cpu", copy=True))
+                self._records[i].append(rec.detach().clone())  # stays on the device until collected
             elif self.phase == "replay":
                 routing_map = output[1]
                 target = self._current[i]

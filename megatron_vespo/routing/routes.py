@@ -100,8 +100,9 @@ def fill_unrouted(routes: torch.Tensor, attention_lengths: torch.Tensor) -> torc
     """Copy of [b, S, L, K] ``routes`` with every position >= length - 1 set to the filler route."""
     s, k = routes.shape[1], routes.shape[3]
     out = routes.clone()
-    tail = torch.arange(s).unsqueeze(0) >= (attention_lengths.unsqueeze(1) - 1)
-    out[tail] = filler_route(k)
+    lengths = attention_lengths.to(routes.device)
+    tail = torch.arange(s, device=routes.device).unsqueeze(0) >= (lengths.unsqueeze(1) - 1)
+    out[tail] = filler_route(k).to(routes.device)
     return out
 
 

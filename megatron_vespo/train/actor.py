@@ -31,10 +31,11 @@ from typing import Any, Optional
 import torch
 
 from megatron_vespo.config.base import ConfigError
+from megatron_vespo.fp8.config import FP8Config
 from megatron_vespo.losses import compute_policy_loss, compute_rollout_is_weights, get_loss, loss_denominator
 from megatron_vespo.losses.config import LossConfig
 from megatron_vespo.models.config import ModelConfig
-from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config, moe_layer_pattern
+from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config, moe_layer_pattern, use_transformer_engine
 from megatron_vespo.routing.config import RoutingReplayConfig
 from megatron_vespo.routing.replay import RoutingReplay
 from megatron_vespo.routing.routes import validate_batch_routes
@@ -49,12 +50,21 @@ from megatron_vespo.types import TrainBatch
 logger = logging.getLogger(__name__)
 
 
+def fp8_overrides(fp8: Optional[FP8Config]) -> dict[str, Any]:
+    """``TransformerConfig`` fields for FP8 (same names as ``FP8Config``); {} when FP8 is off."""
+    if fp8 is None or fp8.fp8 is None:
+        return {}
+    if not use_transformer_engine():
+        raise ConfigError(f"fp8.fp8={fp8.fp8!r} needs Transformer Engine on a CUDA GPU; set fp8.fp8: null on CPU")
+    return fp8.model_dump()
+
+
 class MegatronActor:
     """Qwen3-MoE policy on Megatron-Core: log-probs and VESPO (or any registry loss) updates."""
 
     def __init__(self, model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
                  loss: LossConfig, routing: Optional[RoutingReplayConfig] = None, *, temperature: float = 1.0,
-                 init: str = "megatron", hf_cfg: Any = None) -> None:
+                 init: str = "megatron", hf_cfg: Any = None, fp8: Optional[FP8Config] = None) -> None:
         """Initialise parallel state (if needed), build the model, DDP, optimizer and routing replay.
 
         Args:
@@ -64,6 +74,7 @@ class MegatronActor:
                 global random weights for every TP/EP/PP layout, ``models/init.py``). Load a
                 checkpoint afterwards with ``checkpoint/`` for real runs.
             hf_cfg: a ready ``Qwen3MoeConfig`` (default: ``get_hf_config(model_cfg)``).
+            fp8: FP8 settings (Transformer Engine, GPU only); passed to ``TransformerConfig``.
         """
         from megatron.core import parallel_state as ps
 
@@ -81,8 +92,9 @@ class MegatronActor:
         replay = self.routing_cfg.mode != "disabled"
         if replay and not any(self.moe_pattern):
             raise ConfigError(f"routing.mode={self.routing_cfg.mode} but the model has no MoE layer")
+        overrides = {**fp8_overrides(fp8), **model_cfg.transformer_overrides}
         chunk = build_gpt_model(self.hf_cfg, parallel, params_dtype=model_cfg.params_dtype, routing_replay=replay,
-                                **model_cfg.transformer_overrides)
+                                **overrides)
         if init == "layout_invariant":
             from megatron_vespo.models.init import init_layout_invariant_
 
@@ -172,7 +184,7 @@ class MegatronActor:
             if mode != "disabled":
                 self.routing.finish()
         kw = dict(dp_group=self.dp_group, pp_group=self.pp_group, pp_last_rank=self.pp_last_rank,
-                  is_last_stage=self.is_last_stage)
+                  is_last_stage=self.is_last_stage, device=self.info.device)
         log_prob = gather_rows([(r, lp) for r, lp, _ in out], b, s, **kw)
         entropy = gather_rows([(r, e) for r, _, e in out], b, s, **kw) if with_entropy else None
         return log_prob, entropy, recorded
@@ -279,10 +291,10 @@ class MegatronActor:
                 elapsed: float) -> dict[str, float]:
         b, s = batch.tokens.shape
         kw = dict(dp_group=self.dp_group, pp_group=self.pp_group, pp_last_rank=self.pp_last_rank,
-                  is_last_stage=self.is_last_stage)
+                  is_last_stage=self.is_last_stage, device=self.info.device)
         lp = gather_rows([(r, x) for r, x, _, _ in stashes], b, s, **kw)[rows]
         ent = gather_rows([(r, e) for r, _, e, _ in stashes], b, s, **kw)[rows]
-        micro_sum = torch.tensor([float(sum(float(x[3]) for x in stashes))])
+        micro_sum = torch.tensor([float(sum(float(x[3]) for x in stashes))], device=self.info.device)
         if self.is_last_stage and torch.distributed.get_world_size(self.dp_group) > 1:
             torch.distributed.all_reduce(micro_sum, group=self.dp_group)
         metrics: dict[str, float] = {}
@@ -294,7 +306,7 @@ class MegatronActor:
                 rollout_is_weights=None if is_weights is None else is_weights[rows],
                 group_index=None if batch.group_index is None else batch.group_index[rows],
                 global_denominator=denom)
-            metrics["loss/micro_batch_sum"] = float(micro_sum)
+            metrics["loss/micro_batch_sum"] = float(micro_sum.cpu())
         metrics = broadcast_from_last_stage(metrics, self.pp_group, self.pp_last_rank)
         tokens = float(batch.attention_lengths[rows].sum())
         metrics.update({

@@ -21,12 +21,17 @@ from megatron_vespo.losses import compute_policy_loss
 
 def gather_rows(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_size: int, seq_len: int, *,
                 dp_group: Optional[object], pp_group: Optional[object], pp_last_rank: int,
-                is_last_stage: bool, fill: float = 0.0) -> torch.Tensor:
-    """Scatter (rows [b], values [b, s<=seq_len]) pieces of all DP ranks into one [batch_size, seq_len] tensor."""
-    out = torch.full((batch_size, seq_len), fill, dtype=torch.float32)
-    rows_mask = torch.zeros(batch_size, dtype=torch.bool)
+                is_last_stage: bool, fill: float = 0.0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Scatter (rows [b], values [b, s<=seq_len]) pieces of all DP ranks into one [batch_size, seq_len] tensor.
+
+    Communication happens on ``device`` (the model's device: NCCL needs CUDA tensors); the
+    result is returned on the CPU.
+    """
+    out = torch.full((batch_size, seq_len), fill, dtype=torch.float32, device=device)
+    rows_mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
     for rows, vals in pieces:
-        out[rows, :vals.shape[1]] = vals.float().cpu()
+        rows = rows.to(device)
+        out[rows, :vals.shape[1]] = vals.float().to(device)
         rows_mask[rows] = True
     if torch.distributed.is_initialized():
         if is_last_stage and dp_group is not None and torch.distributed.get_world_size(dp_group) > 1:
@@ -39,7 +44,7 @@ def gather_rows(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_size:
                 out[has] = p[has, :-1]
         if pp_group is not None and torch.distributed.get_world_size(pp_group) > 1:
             torch.distributed.broadcast(out, src=pp_last_rank, group=pp_group)
-    return out
+    return out.cpu()
 
 
 def broadcast_from_last_stage(obj: Any, pp_group: Optional[object], pp_last_rank: int) -> Any:
