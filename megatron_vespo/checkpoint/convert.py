@@ -116,7 +116,7 @@ def compare_with_transformers(model: Any, hf_dir: str | os.PathLike, dims: Qwen3
                               seq_len: int = 16, seed: int = 0) -> float:
     """Max |logit difference| between transformers' model loaded from ``hf_dir`` and ``model`` (collective).
 
-    Rank 0 loads the HF model in the Megatron model's dtype; every rank returns the same value.
+    Rank 0 loads the HF model in float32 (compare an fp32 Megatron model); every rank returns the value.
     """
     tokens = random_tokens(dims.vocab_size, seq_len=seq_len, seed=seed)
     ours = megatron_logits(model, tokens, dims.vocab_size)
@@ -124,8 +124,7 @@ def compare_with_transformers(model: Any, hf_dir: str | os.PathLike, dims: Qwen3
     if dist.rank() == 0:
         from transformers import AutoModelForCausalLM
 
-        dtype = next(unwrap_model(model).parameters()).dtype
-        hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
+        hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
         with torch.no_grad():
             ref = hf_model(input_ids=tokens).logits.float()
         diff = float((ours - ref).abs().max())
@@ -133,9 +132,25 @@ def compare_with_transformers(model: Any, hf_dir: str | os.PathLike, dims: Qwen3
     return float(dist.broadcast_object(diff))
 
 
-def _verifier(model: Any, dims: Qwen3MoeDims, tolerance: float, report: dict, hf_dir: Optional[str] = None):
+def _verifier(model: Any, dims: Qwen3MoeDims, tolerance: float, report: dict, *, hf_dir: Optional[str] = None,
+              ckpt_dir: Optional[str] = None, config_dir: str = "", parallel: Any = None):
+    """``verify_fn`` for the atomic writers: HF (``hf_dir``, default the directory being written) vs Megatron.
+
+    Both sides run in float32. A model in bf16/fp16 is not upcast in place (Megatron's kernels
+    follow ``config.params_dtype``): an fp32 twin is built and loaded from the Megatron checkpoint
+    (``ckpt_dir``, default the directory being written), so the check also covers what is on disk.
+    """
     def verify(tmp: Path) -> None:
-        diff = compare_with_transformers(model, hf_dir or tmp, dims)
+        subject = model
+        if next(unwrap_model(model).parameters()).dtype != torch.float32:
+            from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint
+            from megatron_vespo.models.config import ModelConfig
+            from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config
+
+            hf_cfg = get_hf_config(ModelConfig(preset=None, hf_path=config_dir))
+            subject = build_gpt_model(hf_cfg, parallel, params_dtype=torch.float32)
+            load_model_checkpoint(subject, ckpt_dir or tmp)
+        diff = compare_with_transformers(subject, hf_dir or tmp, dims)
         report["max_abs_logit_diff"] = diff
         logger.info("verify: max |logit diff| transformers vs Megatron = %.3g (tolerance %.1g)", diff, tolerance)
         if not diff <= tolerance:
@@ -156,13 +171,15 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, ep: int = 1, pp: int 
     reader.validate_tensors(dims)
     dist.check_output_dir(out_dir)
     dtype = parse_dtype(params_dtype) or config_dtype(cfg) or torch.float32
-    model, created = _setup(hf_dir, parallel_config(tp, ep, pp, etp), dtype)
+    parallel = parallel_config(tp, ep, pp, etp)
+    model, created = _setup(hf_dir, parallel, dtype)
     report: dict[str, Any] = {"hf_dir": str(hf_dir), "out": str(out_dir), "layout": dict(tp=tp, ep=ep, pp=pp),
                               "params_dtype": dtype_name(dtype)}
     try:
         load_hf_weights(model, reader, dims)
         save_model_checkpoint(model, out_dir, cfg, source_dir=hf_dir, extra_meta={"source": str(hf_dir)},
-                              verify_fn=_verifier(model, dims, tolerance, report, hf_dir) if verify else None)
+                              verify_fn=_verifier(model, dims, tolerance, report, hf_dir=hf_dir, config_dir=hf_dir,
+                                                  parallel=parallel) if verify else None)
     finally:
         _teardown(created)
     logger.info("hf-to-mcore done: %s", report)
@@ -193,14 +210,17 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, ep: int = 1, pp: in
     meta = read_checkpoint_meta(ckpt)
     cfg, dims = checkpoint_hf_config(ckpt)
     dist.check_output_dir(out_dir)
-    model, created = _setup(str(ckpt / HF_SUBDIR), parallel_config(tp, ep, pp, etp), parse_dtype(meta["params_dtype"]))
+    parallel = parallel_config(tp, ep, pp, etp)
+    model, created = _setup(str(ckpt / HF_SUBDIR), parallel, parse_dtype(meta["params_dtype"]))
     report: dict[str, Any] = {"ckpt": str(ckpt), "out": str(out_dir), "layout": dict(tp=tp, ep=ep, pp=pp),
                               "saved_layout": meta.get("saved_layout")}
     try:
         load_model_checkpoint(model, ckpt)
         save_hf_checkpoint(model, cfg, out_dir, source_dir=str(ckpt / HF_SUBDIR), dtype=dtype,
                            max_shard_bytes=max_shard_bytes,
-                           verify_fn=_verifier(model, dims, tolerance, report) if verify else None)
+                           verify_fn=_verifier(model, dims, tolerance, report, ckpt_dir=str(ckpt),
+                                               config_dir=str(ckpt / HF_SUBDIR), parallel=parallel)
+                           if verify else None)
     finally:
         _teardown(created)
     logger.info("mcore-to-hf done: %s", report)

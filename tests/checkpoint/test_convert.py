@@ -87,6 +87,20 @@ def test_bf16_export_and_weight_buckets(tiny):
     assert json.loads((root / "hf_bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_bf16_checkpoint_round_trip_and_fp32_verification(tmp_path):
+    """A bf16 base (like Qwen3-30B-A3B-Base): bf16 Megatron params, verified through an fp32 twin."""
+    from megatron_vespo.checkpoint.convert import hf_to_mcore, mcore_to_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", dtype=torch.bfloat16, num_hidden_layers=2)
+    report = hf_to_mcore(str(hf), str(tmp_path / "mc"), verify=True)
+    assert report["params_dtype"] == "bfloat16" and report["max_abs_logit_diff"] < 1e-5
+    report = mcore_to_hf(str(tmp_path / "mc"), str(tmp_path / "back"), verify=True)
+    assert report["max_abs_logit_diff"] < 1e-5
+    original, back = _read_hf(hf), _read_hf(tmp_path / "back")
+    assert back.keys() == original.keys()
+    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], original[k]) for k in original)
+
+
 def test_other_architecture_is_rejected(tmp_path):
     from transformers import LlamaConfig
 

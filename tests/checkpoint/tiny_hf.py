@@ -12,7 +12,8 @@ TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_h
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
-def make_tiny_hf(path: str | Path, seed: int = 0, max_shard_size: str = "150KB", **overrides) -> Path:
+def make_tiny_hf(path: str | Path, seed: int = 0, max_shard_size: str = "150KB", dtype: torch.dtype = torch.float32,
+                 **overrides) -> Path:
     """Save a random tiny Qwen3MoeForCausalLM (sharded safetensors + index + tokenizer-like side files).
 
     Every weight is random (HF initialises routers to zero, which would make top-k routing a tie).
@@ -30,7 +31,7 @@ def make_tiny_hf(path: str | Path, seed: int = 0, max_shard_size: str = "150KB",
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     path = Path(path)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
+    model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
     (path / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
     (path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordLevel", "vocab": {}}}\n')
     return path
