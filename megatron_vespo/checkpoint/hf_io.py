@@ -57,6 +57,7 @@ class HFCheckpointReader:
     def __init__(self, hf_dir: str | os.PathLike):
         self.dir = Path(hf_dir)
         self._safe_open = require("safetensors", "reading HF checkpoints").safe_open
+        self._handles: dict[str, object] = {}
         index = self.dir / INDEX_NAME
         if index.is_file():
             try:
@@ -75,6 +76,13 @@ class HFCheckpointReader:
             raise ValueError(f"{self.dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found "
                              "(only safetensors checkpoints are supported)")
 
+    def _handle(self, shard: str) -> object:
+        # one open handle per shard: re-parsing a multi-GB shard's header for each of its
+        # thousands of tensors would dominate the import of a 30B model
+        if shard not in self._handles:
+            self._handles[shard] = self._safe_open(str(self.dir / shard), "pt")
+        return self._handles[shard]
+
     def keys(self) -> list[str]:
         """All tensor names in the checkpoint."""
         return sorted(self.weight_map)
@@ -83,16 +91,19 @@ class HFCheckpointReader:
         """Read one tensor; KeyError names the missing tensor and the directory."""
         if name not in self.weight_map:
             raise KeyError(f"tensor '{name}' not found in {self.dir}")
-        path = self.dir / self.weight_map[name]
-        with self._safe_open(str(path), "pt") as fh:
-            if name not in fh.keys():
-                raise ValueError(f"{path}: index says it holds '{name}' but it does not")
-            return fh.get_tensor(name)
+        shard = self.weight_map[name]
+        try:
+            return self._handle(shard).get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types for a missing key
+            raise ValueError(f"{self.dir / shard}: cannot read '{name}' listed in the index ({exc})") from exc
 
     def shape(self, name: str) -> tuple:
         """Shape of a tensor without reading its data."""
-        with self._safe_open(str(self.dir / self.weight_map[name]), "pt") as fh:
-            return tuple(fh.get_slice(name).get_shape())
+        try:
+            return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+        except Exception as exc:  # noqa: BLE001 - as in get()
+            raise ValueError(f"{self.dir / self.weight_map[name]}: cannot read '{name}' listed in the index "
+                             f"({exc})") from exc
 
     def validate_tensors(self, dims: Qwen3MoeDims) -> None:
         """Raise ValueError unless the checkpoint holds exactly the expected names with the expected shapes."""
