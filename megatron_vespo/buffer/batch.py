@@ -32,14 +32,16 @@ logger = logging.getLogger(__name__)
 
 def drop_unusable_groups(samples: Sequence[Sample], current_version: int | None = None,
                          max_policy_lag: int | None = None) -> list[Sample]:
-    """Drop every group that holds a FLAGGED sample or one older than ``max_policy_lag`` versions."""
+    """Drop every group holding a FLAGGED or ABORTED sample, or one older than ``max_policy_lag`` versions."""
     groups: dict[int, list[Sample]] = defaultdict(list)
     for s in samples:
         groups[s.group_index].append(s)
     kept: list[Sample] = []
     for gid, group in groups.items():
-        if any(s.status == SampleStatus.FLAGGED for s in group):
-            reasons = {s.metadata.get("flag_reason", "flagged") for s in group if s.status == SampleStatus.FLAGGED}
+        unusable = (SampleStatus.FLAGGED, SampleStatus.ABORTED)
+        if any(s.status in unusable for s in group):
+            reasons = {"; ".join(s.metadata.get("flag_reasons", [s.status.value])) for s in group
+                       if s.status in unusable}
             logger.warning("dropping group %d (%d samples): %s", gid, len(group), "; ".join(sorted(reasons)))
             continue
         if max_policy_lag is not None and current_version is not None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from megatron_vespo.config.base import Section
 
 
 class DataConfig(Section):
-    """Prompts come from a JSONL file (``prompt_key``/``label_key``) or a built-in synthetic task."""
+    """Prompts come from a JSONL file (``prompt_key``/``label_key``) or a built-in synthetic task.
+
+    ``reward`` names the function in ``rewards/`` that scores a response against the label.
+    """
 
     source: Literal["jsonl", "synthetic"] = "synthetic"
     path: Optional[str] = None
@@ -19,3 +22,13 @@ class DataConfig(Section):
     num_prompts: int = Field(64, ge=1)
     max_prompt_len: int = Field(64, ge=1)
     seed: int = 0
+    reward: str = "token_class"
+
+    @field_validator("reward")
+    @classmethod
+    def _known_reward(cls, name: str) -> str:
+        from megatron_vespo.rewards import available_rewards
+
+        if name not in available_rewards():
+            raise ValueError(f"unknown reward '{name}'; available: {', '.join(available_rewards())}")
+        return name

@@ -5,9 +5,11 @@ A ``Prompt`` carries token ids (the rollout engine speaks token ids, as slime an
 batches in a seeded order that is reshuffled each epoch; ``state_dict`` records
 (epoch, offset) so a resumed run continues with the next unseen prompt.
 
-Synthetic task ("emit the target"): each prompt is random tokens whose first token is the
-target id; the reward is the fraction of response tokens equal to it. A tiny random model
-learns it in a few dozen updates, which makes it a real, cheap learning signal on CPU.
+Synthetic task: each prompt is random tokens whose first token is the label (one of
+``num_targets`` small ids). With the ``token_class`` reward the response should use tokens
+congruent to the label modulo 4 (base rate 1/4, so every group carries signal); a tiny random
+model learns it within a few dozen rollouts, a real and cheap learning signal on CPU. The
+``target_token`` reward asks for the label token itself (much sparser).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Reward functions: a registry ``name -> fn(sample, label) -> float``.
 
-- ``target_token``: fraction of response tokens equal to the label (the synthetic task).
+- ``token_class``: fraction of response tokens whose id is congruent to the label modulo
+  ``NUM_CLASSES`` (the synthetic task: base rate 1/4, so every group carries a signal).
+- ``target_token``: fraction of response tokens equal to the label (a sparser variant).
 - ``math``: 1.0 when the response text is mathematically equivalent to the label, verified
   by the ``math-verify`` library (HF's verifier, used rather than hand-written parsing),
-  else 0.0. Needs ``sample.metadata["response_text"]``.
+  else 0.0. Needs the response text: ``metadata["response_text"]`` or the engine's ``"text"``.
 """
 
 from __future__ import annotations
@@ -29,11 +31,28 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return deco
 
 
+def available_rewards() -> list[str]:
+    """Names of the registered reward functions, sorted."""
+    return sorted(_REWARDS)
+
+
 def get_reward(name: str) -> RewardFn:
     """Look up a reward function; unknown names list the known ones."""
     if name not in _REWARDS:
         raise ValueError(f"unknown reward '{name}'; available: {', '.join(sorted(_REWARDS))}")
     return _REWARDS[name]
+
+
+NUM_CLASSES = 4
+
+
+@register_reward("token_class")
+def token_class_reward(sample: Sample, label: Any) -> float:
+    """Fraction of response tokens with ``token % NUM_CLASSES == label % NUM_CLASSES`` (0 if empty)."""
+    if not sample.response_tokens:
+        return 0.0
+    c = int(label) % NUM_CLASSES
+    return sum(int(t % NUM_CLASSES == c) for t in sample.response_tokens) / len(sample.response_tokens)
 
 
 @register_reward("target_token")
@@ -50,9 +69,10 @@ def math_reward(sample: Sample, label: Any) -> float:
     from megatron_vespo.utils.imports import require
 
     mv = require("math_verify", "the math reward")
-    text = sample.metadata.get("response_text")
+    text = sample.metadata.get("response_text", sample.metadata.get("text"))
     if text is None:
-        raise ValueError("math reward needs sample.metadata['response_text'] (decode with the tokenizer)")
+        raise ValueError("math reward needs the response text: sample.metadata['response_text'] or the "
+                         "engine's 'text' (serve a model with a tokenizer)")
     gold = mv.parse(str(label) if str(label).startswith("$") else f"${label}$")
     pred = mv.parse(text)
     return float(bool(pred) and mv.verify(gold, pred))

@@ -1,0 +1,37 @@
+"""``megatron-vespo train``: run the RL loop of a job YAML (under torchrun or as one process)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` subcommand."""
+    p = subparsers.add_parser(
+        "train", help="run the RL loop (rollout -> train N updates -> weight sync) of a job YAML",
+        description="Every training rank runs this command: `torchrun --nproc-per-node N -m megatron_vespo.cli "
+                    "train JOB.yaml` (or plainly, as one process). Rank 0 drives the rollout engines.")
+    p.add_argument("config", help="job YAML, e.g. examples/configs/tiny_cpu_vespo.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set train.lr=1e-6 (repeatable)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from megatron_vespo.config.base import load_config
+    from megatron_vespo.config.job import JobConfig
+
+    job = load_config(JobConfig, args.config, args.overrides)
+    if job.loop.mode == "async":
+        raise SystemExit("loop.mode=async is not implemented yet; use loop.mode=sync "
+                         "(staleness N = train.rollout_batch_size / train.mini_batch_size)")
+    from megatron_vespo.orchestration.sync_loop import run_sync
+
+    history = run_sync(job)
+    if history:
+        logger.info("done: %d rollouts, final reward %.3f; metrics in %s/metrics.jsonl", len(history),
+                    history[-1].get("rollout/reward_mean", float("nan")), job.loop.output_dir)
+    return 0

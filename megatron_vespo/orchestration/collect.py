@@ -1,0 +1,89 @@
+"""One rollout batch: prompts -> engines -> scored, whole, usable groups of ``Sample``s.
+
+``collect_rollout`` asks the engines for ``n_samples_per_prompt`` responses per prompt, scores
+them with the data set's reward, drops every group holding a flagged (misaligned routes, NaN
+log-probs) or aborted sample, and asks for fresh prompts until ``rollout_batch_size`` samples
+in whole groups are ready (at most ``max_attempts`` rounds), so no misaligned data is ever
+trained on and group losses always see whole groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from megatron_vespo.buffer import drop_unusable_groups
+from megatron_vespo.data import Prompt, PromptDataset
+from megatron_vespo.rewards import RewardFn
+from megatron_vespo.rollout.config import RolloutConfig
+from megatron_vespo.rollout.router import EngineRouter
+from megatron_vespo.types import Sample
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutShortfallError(RuntimeError):
+    """Too many groups were unusable to fill a rollout batch."""
+
+
+async def _generate(router: EngineRouter, prompts: list[Prompt], cfg: RolloutConfig, first_group: int) -> list[Sample]:
+    tasks = [router.generate(p.tokens, cfg.sampling, group_index=first_group + g,
+                             metadata={"label": p.label, "prompt_index": p.index})
+             for g, p in enumerate(prompts) for _ in range(cfg.n_samples_per_prompt)]
+    return list(await asyncio.gather(*tasks))
+
+
+def collect_rollout(router: EngineRouter, run: Callable, dataset: PromptDataset, cfg: RolloutConfig,
+                    rollout_batch_size: int, reward_fn: RewardFn, *,
+                    max_attempts: int = 4) -> tuple[list[Sample], dict]:
+    """Generate, score and filter until ``rollout_batch_size`` samples in whole groups are ready.
+
+    Args:
+        router: the engines' router; ``run`` executes a coroutine on its event loop.
+        dataset: prompt source (advanced by the prompts consumed, for resume).
+        cfg: rollout config (sampling, n_samples_per_prompt).
+        rollout_batch_size: samples wanted (a multiple of n_samples_per_prompt).
+        reward_fn: ``fn(sample, label) -> float``.
+    Returns:
+        (samples, metrics).
+    """
+    n = cfg.n_samples_per_prompt
+    groups_needed = rollout_batch_size // n
+    kept: list[Sample] = []
+    generated = dropped = 0
+    t0 = time.perf_counter()
+    next_group = 0
+    for _ in range(max_attempts):
+        missing = groups_needed - len(kept) // n
+        if missing == 0:
+            break
+        prompts = dataset.next_batch(missing)
+        samples = run(_generate(router, prompts, cfg, next_group))
+        next_group += len(prompts)
+        generated += len(samples)
+        for s in samples:
+            s.reward = float(reward_fn(s, s.metadata["label"]))
+        usable = drop_unusable_groups(samples)
+        dropped += len(samples) - len(usable)
+        kept.extend(usable)
+    if len(kept) < rollout_batch_size:
+        raise RolloutShortfallError(
+            f"only {len(kept)} of {rollout_batch_size} samples usable after {max_attempts} rounds "
+            f"({dropped} dropped as flagged/aborted); check the engine logs")
+    kept = kept[:rollout_batch_size]
+    elapsed = time.perf_counter() - t0
+    resp_tokens = sum(len(s.response_tokens) for s in kept)
+    rewards = [s.reward for s in kept]
+    metrics = {
+        "rollout/reward_mean": sum(rewards) / len(rewards),
+        "rollout/reward_max": max(rewards),
+        "rollout/response_len_mean": resp_tokens / len(kept),
+        "rollout/samples_generated": float(generated),
+        "rollout/samples_dropped": float(dropped),
+        "rollout/truncated_frac": sum(s.status.value == "truncated" for s in kept) / len(kept),
+        "time/rollout_s": elapsed,
+        "rollout/tokens_per_s": resp_tokens / max(elapsed, 1e-9),
+    }
+    return kept, metrics

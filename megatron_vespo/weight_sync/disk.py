@@ -1,0 +1,82 @@
+"""Weight sync through the file system: the path that always works (SGLang and embedded engines).
+
+Every training rank calls :meth:`DiskWeightSync.push` (the export is collective: shards are
+gathered over TP/EP/PP); rank 0 writes ``<root>/v<version>`` as a Hugging Face directory
+(``checkpoint.mcore_io.save_hf_checkpoint``, atomic) and tells every engine to load it with
+``/update_weights_from_disk`` tagged with the policy version. Older version directories are
+removed once no engine serves them. NCCL broadcast (``update_weights_from_distributed``) and
+CUDA-IPC (``update_weights_from_tensor``) are faster on GPU clusters; this path needs only a
+file system both sides see (a shared one on multi-node clusters).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def version_dir(root: str | Path, version: int) -> Path:
+    """Directory holding the HF export of ``version``."""
+    return Path(root) / f"v{int(version):06d}"
+
+
+class DiskWeightSync:
+    """Export the actor's weights as HF safetensors and make the engines load them.
+
+    Args:
+        root: directory for the exported versions (on a file system the engines can read).
+        hf_cfg: the model's Hugging Face config (written as config.json).
+        source_dir: HF base model directory whose tokenizer files are copied along (optional).
+        dtype: export dtype (default: the model's).
+        keep_last: how many exported versions to keep on disk.
+    """
+
+    def __init__(self, root: str | Path, hf_cfg: Any, *, source_dir: Optional[str] = None,
+                 dtype: Optional[str] = None, keep_last: int = 2) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root, self.hf_cfg, self.source_dir = Path(root), hf_cfg, source_dir
+        self.dtype, self.keep_last = dtype, keep_last
+
+    def export(self, model: Any, version: int) -> Path:
+        """Collective: write ``version``'s HF directory (rank 0 writes) and return its path."""
+        from megatron_vespo.checkpoint.mcore_io import save_hf_checkpoint
+
+        out = version_dir(self.root, version)
+        if out.exists():  # a resumed run re-exporting a version it already wrote
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                shutil.rmtree(out)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+        return save_hf_checkpoint(model, self.hf_cfg, out, source_dir=self.source_dir, dtype=self.dtype)
+
+    def push(self, model: Any, version: int, load: Optional[Callable[[str, int], Awaitable[Any]]] = None,
+             run: Optional[Callable[[Awaitable[Any]], Any]] = None) -> dict[str, float]:
+        """Export ``version`` and, on rank 0, await ``load(path, version)`` (the engines' update call).
+
+        ``run`` executes the awaitable (the loop's event loop); returns timing metrics.
+        """
+        t0 = time.perf_counter()
+        path = self.export(model, version)
+        t1 = time.perf_counter()
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if rank0 and load is not None:
+            if run is None:
+                raise ValueError("push(load=...) needs run= to execute the engines' update call")
+            run(load(str(path), version))
+            self._rotate(version)
+        t2 = time.perf_counter()
+        return {"weight_sync/export_s": t1 - t0, "weight_sync/load_s": t2 - t1}
+
+    def _rotate(self, current: int) -> None:
+        versions = sorted(int(p.name[1:]) for p in self.root.glob("v*") if p.name[1:].isdigit())
+        for v in versions:
+            if v <= current - self.keep_last:
+                shutil.rmtree(version_dir(self.root, v), ignore_errors=True)
