@@ -19,8 +19,9 @@ class SamplingConfig(Section):
     """Sampling parameters, SGLang names.
 
     ``temperature: 0`` means greedy (SGLang turns it into ``top_k=1``). ``sampling_seed`` is a
-    base seed: the client gives request ``i`` the seed ``sampling_seed + i`` so the n samples of
-    a prompt differ but a rerun reproduces them.
+    base seed: the client (or router) gives its ``i``-th request the seed ``sampling_seed + i``, so
+    the n samples of a prompt differ but a rerun reproduces them. Counters restart with a new
+    client: vary the base seed per rollout step (e.g. ``seed + step * 1_000_003``).
     """
 
     temperature: float = Field(1.0, ge=0)

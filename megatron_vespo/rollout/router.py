@@ -35,6 +35,7 @@ class EngineRouter:
         self.clients = list(clients)
         self.policy = policy
         self._rr = itertools.count()
+        self._seeds = itertools.count()
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig, urls: Sequence[str],
@@ -57,7 +58,14 @@ class EngineRouter:
 
     async def generate(self, prompt_tokens: Sequence[int], sampling: SamplingConfig | Mapping[str, Any],
                        **kwargs: Any) -> Sample:
-        """Generate on the chosen engine (see ``SGLangClient.generate``)."""
+        """Generate on the chosen engine (see ``SGLangClient.generate``).
+
+        A ``SamplingConfig`` base seed is turned into per-request seeds here, from the router's
+        own counter: per-client counters would give the n samples of a prompt that land on
+        different engines the same seed, hence identical responses.
+        """
+        if isinstance(sampling, SamplingConfig) and sampling.sampling_seed is not None:
+            sampling = sampling.to_sglang(sampling.sampling_seed + next(self._seeds))
         return await self.pick().generate(prompt_tokens, sampling, **kwargs)
 
     async def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | Mapping[str, Any],

@@ -245,3 +245,20 @@ def test_router_policies_and_broadcast():
     r = EngineRouter.from_config(cfg, ["http://h1:1", "http://h2:2"])
     assert r.urls == ["http://h1:1", "http://h2:2"] and r.policy == "round_robin"
     run(r.aclose())
+
+
+def test_router_gives_distinct_seeds_across_engines():
+    seeds = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        seeds.append(body["sampling_params"]["sampling_seed"])
+        return httpx.Response(200, json=fake_generate(body))
+
+    async def go():
+        clients = [SGLangClient(f"http://e{i}:1", transport=httpx.MockTransport(handler)) for i in range(2)]
+        router = EngineRouter(clients, "round_robin")
+        await router.generate_batch([[1, 2]], SamplingConfig(max_new_tokens=2, sampling_seed=40), 4)
+        await router.aclose()
+    run(go())
+    assert sorted(seeds) == [40, 41, 42, 43]  # not [40, 40, 41, 41]: same prompt, two engines

@@ -137,8 +137,7 @@ class EmbeddedEngine:
     def parse(self, body: dict) -> tuple[list[GenRequest], bool]:
         """Validate a ``/generate`` body (ValueError naming the field)."""
         tokenize = None if self.tokenizer is None else (lambda t: self.tokenizer.encode(t))
-        reqs, batched = parse_generate(body, vocab_size=self.vocab_size, max_len=self.max_len,
-                                       eos_ids=self.eos_ids, tokenize=tokenize)
+        reqs, batched = parse_generate(body, vocab_size=self.vocab_size, max_len=self.max_len, tokenize=tokenize)
         if any(r.return_routed_experts for r in reqs) and self.capture is None:
             raise ValueError("return_routed_experts=true but the served model has no MoE router")
         return reqs, batched

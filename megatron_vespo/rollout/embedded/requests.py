@@ -83,7 +83,7 @@ def _check_defaults(obj: dict, allowed: set, where: str) -> None:
                          f"(supported: {sorted(allowed)})")
 
 
-def parse_generate(body: dict, *, vocab_size: int, max_len: int, eos_ids: set[int],
+def parse_generate(body: dict, *, vocab_size: int, max_len: int,
                    tokenize: Optional[Callable[[str], list[int]]]) -> tuple[list[GenRequest], bool]:
     """Requests of one ``/generate`` body, and whether the caller sent a batch (list answer)."""
     if not isinstance(body, dict):
