@@ -90,11 +90,12 @@ class LocalParam:
     tp_size: int
 
 
-def local_params(model: Any, dims: Qwen3MoeDims, layout: Optional[ShardLayout] = None) -> list[LocalParam]:
+def local_params(model: Any, dims: Any, layout: Optional[ShardLayout] = None) -> list[LocalParam]:
     """Match every parameter of this rank's model shard with its mapping rule.
 
     Raises ValueError naming the parameter when it has no HF counterpart (unsupported spec).
     """
+    dims = as_dims(dims)
     layout = layout or ShardLayout.current()
     gpt = unwrap_model(model)
     layer_global = {k: int(layer.layer_number) - 1 for k, layer in enumerate(gpt.decoder.layers)} \
@@ -122,6 +123,11 @@ def local_params(model: Any, dims: Qwen3MoeDims, layout: Optional[ShardLayout] =
     return out
 
 
+def as_dims(cfg: Any) -> Qwen3MoeDims:
+    """``Qwen3MoeDims`` from dims, an HF config dict or a ``PretrainedConfig`` (what callers have at hand)."""
+    return cfg if isinstance(cfg, Qwen3MoeDims) else Qwen3MoeDims.from_hf_config(cfg)
+
+
 def _all_gather_object(obj: Any, group: Any = None) -> list:
     if not torch.distributed.is_initialized():
         return [obj]
@@ -132,12 +138,13 @@ def _all_gather_object(obj: Any, group: Any = None) -> list:
 
 # ----------------------------------------------------------------------------- import
 @torch.no_grad()
-def load_hf_weights(model: Any, reader: Any, dims: Qwen3MoeDims, layout: Optional[ShardLayout] = None) -> int:
+def load_hf_weights(model: Any, reader: Any, dims: Any, layout: Optional[ShardLayout] = None) -> int:
     """Copy HF tensors (from an ``HFCheckpointReader`` or a ``{name: tensor}`` dict) into this rank's shards.
 
     Collective when torch.distributed is initialised (a final check that the ranks together
     covered every rule). Returns the number of parameters filled on this rank.
     """
+    dims = as_dims(dims)
     layout = layout or ShardLayout.current()
     get = reader.get if hasattr(reader, "get") and not isinstance(reader, dict) else reader.__getitem__
     params = local_params(model, dims, layout)
@@ -209,8 +216,8 @@ def _pp_owner(local: dict, layout: ShardLayout) -> dict[str, int]:
     return {name: ranks[stage] for stage, names in enumerate(owned) for name in names}
 
 
-def iter_hf_weights(model: Any, dims: Qwen3MoeDims, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                    dtype: Optional[torch.dtype] = None, dst: Optional[int] = None,
+def iter_hf_weights(model: Any, dims: Any, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                    dtype: Optional[torch.dtype | str] = None, dst: Optional[int] = None,
                     layout: Optional[ShardLayout] = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield the full model as HF ``(name, tensor)`` pairs in buckets of at most ``bucket_bytes``
     (a single larger tensor gets a bucket of its own).
@@ -219,8 +226,11 @@ def iter_hf_weights(model: Any, dims: Qwen3MoeDims, *, bucket_bytes: int = DEFAU
     ``dst=None`` every rank receives every full tensor; with ``dst=r`` only global rank ``r`` gets
     tensors and the other ranks get empty buckets at the same points. ``dtype`` casts on export
     (e.g. bfloat16 for the rollout engine); vocab padding is stripped. Every HF tensor of the
-    model is yielded exactly once.
+    model is yielded exactly once. ``dims``: ``Qwen3MoeDims`` or the HF config (dict / object).
     """
+    dims = as_dims(dims)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     layout = layout or ShardLayout.current()
@@ -266,7 +276,7 @@ def iter_hf_weights(model: Any, dims: Qwen3MoeDims, *, bucket_bytes: int = DEFAU
         yield bucket
 
 
-def export_hf_state_dict(model: Any, dims: Qwen3MoeDims, dtype: Optional[torch.dtype] = None) -> dict:
+def export_hf_state_dict(model: Any, dims: Any, dtype: Optional[torch.dtype] = None) -> dict:
     """The whole model as one ``{hf_name: tensor}`` dict on every rank (tests, small models)."""
     out: dict[str, torch.Tensor] = {}
     for bucket in iter_hf_weights(model, dims, dtype=dtype):

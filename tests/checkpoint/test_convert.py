@@ -75,7 +75,7 @@ def test_bf16_export_and_weight_buckets(tiny):
     model, created = _setup(str(root / "mc" / "hf"), parallel_config(), torch.float32)
     try:
         load_model_checkpoint(model, root / "mc")
-        buckets = list(iter_hf_weights(model, dims, bucket_bytes=100_000))
+        buckets = list(iter_hf_weights(model, cfg, bucket_bytes=100_000))  # HF config dict accepted
         names = [n for b in buckets for n, _ in b]
         assert len(buckets) > 3 and len(names) == len(set(names)) and set(names) == expected_hf_names(dims)
         assert all(sum(t.numel() * 4 for _, t in b) <= 100_000 for b in buckets)
