@@ -4,6 +4,8 @@ from setuptools import find_packages, setup
 
 CPU_EXTRAS = [
     "megatron-core>=0.16.1",
+    "psutil",
+    "pybase64",
     "transformers>=4.57",
     "safetensors>=0.4",
     "fastapi>=0.110",
@@ -17,10 +19,11 @@ CPU_EXTRAS = [
 
 EXTRAS = {
     # Megatron-Core trainer. CI pins 0.16.1 (the newest release for Python 3.11).
-    "megatron": ["megatron-core>=0.16.1", "transformers>=4.57", "safetensors>=0.4"],
+    # psutil: megatron-core's dist-checkpoint writer imports it (and hangs without it).
+    "megatron": ["megatron-core>=0.16.1", "transformers>=4.57", "safetensors>=0.4", "psutil"],
     # Rollout side: the SGLang engine (GPU) and our HTTP client / embedded server deps.
-    "sglang": ["sglang[all]>=0.5.4", "httpx>=0.27"],
-    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "transformers>=4.57"],
+    "sglang": ["sglang[all]>=0.5.4", "httpx>=0.27", "pybase64"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "transformers>=4.57", "pybase64"],
     "ray": ["ray[default]>=2.40"],
     "fp8": ["transformer-engine[pytorch]>=2.4"],
     "apex": ["apex"],
