@@ -12,7 +12,9 @@ from megatron_vespo.config.base import Section
 class DataConfig(Section):
     """Prompts come from a JSONL file (``prompt_key``/``label_key``) or a built-in synthetic task.
 
-    ``reward`` names the function in ``rewards/`` that scores a response against the label.
+    ``reward`` names the function in ``rewards/`` that scores a response against the label;
+    ``num_labels`` is how many distinct labels the synthetic task draws from (1 makes it
+    unconditional: the easiest learning signal).
     """
 
     source: Literal["jsonl", "synthetic"] = "synthetic"
@@ -22,6 +24,7 @@ class DataConfig(Section):
     num_prompts: int = Field(64, ge=1)
     max_prompt_len: int = Field(64, ge=1)
     seed: int = 0
+    num_labels: int = Field(4, ge=1, le=64)
     reward: str = "token_class"
 
     @field_validator("reward")

@@ -101,7 +101,8 @@ class PromptDataset:
                     tokenize: Callable[[str], list[int]] | None = None) -> "PromptDataset":
         """Build from a ``DataConfig`` (synthetic needs only the vocab size; jsonl needs a tokenizer)."""
         if cfg.source == "synthetic":
-            prompts = synthetic_prompts(cfg.num_prompts, vocab_size, min(cfg.max_prompt_len, 8), cfg.seed)
+            prompts = synthetic_prompts(cfg.num_prompts, vocab_size, min(cfg.max_prompt_len, 8), cfg.seed,
+                                        num_targets=cfg.num_labels)
         else:
             if cfg.path is None:
                 raise ValueError("data.path must be set when data.source=jsonl")
