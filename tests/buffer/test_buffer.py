@@ -75,7 +75,7 @@ def test_collate_alignment():
 def test_flagged_groups_are_dropped_whole_and_never_collated():
     a, b, c = _sample(2, 2, 0), _sample(2, 2, 0), _sample(2, 2, 1)
     b.status = SampleStatus.FLAGGED
-    b.metadata["flag_reason"] = "routes length 2 != 3"
+    b.metadata["flag_reasons"] = ["routes length 2 != 3"]
     kept = drop_unusable_groups([a, b, c])
     assert kept == [c]
     with pytest.raises(ValueError, match="FLAGGED"):
