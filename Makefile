@@ -24,7 +24,7 @@ test: install lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 quickstart: install
-	$(VENV)/bin/megatron-vespo bench-losses --quick
+	$(VENV)/bin/megatron-vespo train examples/configs/tiny_cpu_vespo.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -30,15 +30,15 @@ from megatron_vespo.utils.io import atomic_path
 logger = logging.getLogger(__name__)
 
 
-def _broadcast_batch(batch: Any, error: Optional[str]) -> Any:
-    """Send rank 0's batch (or its error) to every rank; raise on all ranks if rank 0 failed."""
-    payload = [(batch, error)]
+def _broadcast_batch(batch: Any, data_state: Optional[dict], error: Optional[str]) -> tuple[Any, dict]:
+    """Send rank 0's batch and data position (or its error) to every rank; raise everywhere if rank 0 failed."""
+    payload = [(batch, data_state, error)]
     if torch.distributed.get_world_size() > 1:
         torch.distributed.broadcast_object_list(payload, src=0)
-    batch, error = payload[0]
+    batch, data_state, error = payload[0]
     if error is not None:
         raise RuntimeError(f"rollout failed on rank 0: {error}")
-    return batch
+    return batch, data_state
 
 
 def _tokenizer(hf_path: Optional[str]) -> Any:
@@ -103,10 +103,9 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
                 except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                     error = f"{type(exc).__name__}: {exc}"
                     logger.exception("rollout %d failed", it)
-            else:
-                # keep the data position identical on every rank (it is saved in checkpoints)
-                dataset.next_batch(job.train.rollout_batch_size // job.rollout.n_samples_per_prompt)
-            batch = _broadcast_batch(batch, error)
+            # every rank keeps rank 0's data position (it is saved in checkpoints)
+            batch, data_state = _broadcast_batch(batch, dataset.state_dict() if rank0 else None, error)
+            dataset.load_state_dict(data_state)
             t1 = time.perf_counter()
             updates = actor.train_on_rollout(batch)
             t2 = time.perf_counter()
