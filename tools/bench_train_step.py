@@ -133,23 +133,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", default="1proc,ep2,tp2sp", help="comma list of 1proc, ep2, tp2sp")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the 1-process update")
     ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every layout this many times (interleaved) and keep the fastest median: "
+                         "robust to other load on a shared machine")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     layouts = {"1proc": ({}, 1), "ep2": ({"expert_model_parallel_size": 2}, 2),
                "tp2sp": ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, 2)}
     tokens = args.batch * args.seq
-    rows = {"hf_transformers": bench_hf(args)}
-    for name in args.layouts.split(","):
-        layout, world = layouts[name]
-        rows[f"megatron_{name}"] = bench_megatron(args, layout, world)
-    hf_med = statistics.median(rows["hf_transformers"])
+    medians: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        names = ["hf"] + args.layouts.split(",")
+        for name in names if r % 2 == 0 else names[::-1]:
+            if name == "hf":
+                medians.setdefault("hf_transformers", []).append(statistics.median(bench_hf(args)))
+            else:
+                layout, world = layouts[name]
+                times = bench_megatron(args, layout, world)
+                medians.setdefault(f"megatron_{name}", []).append(statistics.median(times))
+                if name == "1proc":
+                    args.profile = False  # profile once
+    rows = {k: [min(v)] for k, v in medians.items()}
+    hf_med = rows["hf_transformers"][0]
     print(f"preset={args.preset} batch={args.batch} micro={args.micro} seq={args.seq} threads={args.threads} "
-          f"torch={torch.__version__}")
+          f"rounds={args.rounds} torch={torch.__version__} load={os.getloadavg()[0]:.1f}")
     print(f"{'layout':22s} {'ms/update':>10s} {'tokens/s':>10s} {'time / HF':>10s}")
     out = {}
     for name, times in rows.items():
         med = statistics.median(times)
-        out[name] = {"ms_per_update": med * 1e3, "tokens_per_s": tokens / med, "ratio_to_hf": med / hf_med}
+        out[name] = {"ms_per_update": med * 1e3, "tokens_per_s": tokens / med, "ratio_to_hf": med / hf_med,
+                     "all_round_medians_ms": [x * 1e3 for x in medians[name]]}
         print(f"{name:22s} {med * 1e3:10.1f} {tokens / med:10.0f} {med / hf_med:10.2f}")
     if args.json:
         with open(args.json, "w") as f:
