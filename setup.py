@@ -15,6 +15,7 @@ CPU_EXTRAS = [
     "wandb>=0.17",
     "math-verify>=0.7",
     "tqdm>=4.66",
+    "matplotlib>=3.7",
 ]
 
 EXTRAS = {

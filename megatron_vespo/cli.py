@@ -21,6 +21,7 @@ _COMPONENT_CLIS = (
     "megatron_vespo.checkpoint.cli",
     "megatron_vespo.train.cli",
     "megatron_vespo.orchestration.cli",
+    "megatron_vespo.observability.cli",
 )
 
 
