@@ -132,6 +132,13 @@ def test_r2_replay_reproduces_the_recorded_forward_exactly():
             assert torch.equal(got, want[2 * k:2 * k + 2, :got.shape[1]])
 
 
+def test_r2_with_rollout_log_probs_still_records_and_replays():
+    actor = make_actor({}, routing="R2", train={"old_log_prob_source": "rollout"})
+    metrics = actor.train_on_rollout(make_batch(actor))
+    assert [m["routing/replayed_forwards"] for m in metrics] == [4.0, 4.0]  # 2 layers x 2 micro-batches
+    assert metrics[0]["is/seq_log_w_absmax"] > 1.0  # behaviour policy = the engine's log-probs
+
+
 def test_replay_controller_refuses_unconsumed_or_misshaped_routes():
     actor = make_actor({}, routing="R3")
     batch = make_batch(actor)
