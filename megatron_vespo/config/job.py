@@ -15,6 +15,7 @@ from megatron_vespo.orchestration.config import LoopConfig
 from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.routing.config import RoutingReplayConfig
 from megatron_vespo.train.config import ParallelConfig, TrainConfig
+from megatron_vespo.weight_sync.config import WeightSyncConfig
 
 
 class JobConfig(Section):
@@ -29,6 +30,7 @@ class JobConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     fp8: FP8Config = Field(default_factory=FP8Config)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

@@ -4,7 +4,7 @@
         samples = collect_rollout(engines, prompts)        # rank 0: tokens, mu log-probs, routes, reward
         batch   = collate(samples)                         # buffer: group advantages, padding
         actor.train_on_rollout(batch)                      # all ranks: old log-probs once, N updates
-        weight_sync.push(actor, version + 1)               # HF export -> engines load it
+        weight_sync.update(actor, version + 1, engines)    # disk / broadcast / CUDA IPC (loop.weight_sync)
         checkpointer.maybe_save(it, ...)
 
 N = train.rollout_batch_size / train.mini_batch_size updates consume each rollout batch, so the
@@ -59,7 +59,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
     from megatron_vespo.orchestration.engines import RolloutEngines
     from megatron_vespo.rewards import get_reward
     from megatron_vespo.train.actor import MegatronActor
-    from megatron_vespo.weight_sync import DiskWeightSync
+    from megatron_vespo.weight_sync import build_weight_sync
 
     if job.loop.mode != "sync":
         raise ValueError(f"run_sync runs loop.mode=sync, got loop.mode={job.loop.mode}")
@@ -83,7 +83,8 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
     if state and state.get("data"):
         dataset.load_state_dict(state["data"])
     reward_fn = get_reward(job.data.reward)
-    sync = DiskWeightSync(out / "weights", actor.hf_cfg, source_dir=job.model.hf_path)
+    sync = build_weight_sync(job.loop.weight_sync, root=out / "weights", hf_cfg=actor.hf_cfg, cfg=job.weight_sync,
+                             source_dir=job.model.hf_path, engine_tp_size=job.rollout.tp_size)
     fresh_hf = state is None and job.checkpoint.load is None and job.model.hf_path is not None
     # The engines must start from the trainer's weights: the HF base model itself on a fresh
     # start from it, otherwise (random init, resume) an export of the current weights.
@@ -110,8 +111,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
             updates = actor.train_on_rollout(batch)
             t2 = time.perf_counter()
             version += 1
-            smetrics = sync.push(actor.model, version, load=engines.router.update_weights_from_disk if rank0 else None,
-                                 run=engines.run if rank0 else None)
+            smetrics = sync.update(actor.model, version, engines)
             for k, m in enumerate(updates):
                 mlog.log(m, step=(it - 1) * job.train.staleness + k + 1)
             summary = {"rollout": float(it), "policy_version": float(version), **rmetrics, **smetrics,
@@ -129,6 +129,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
                             force=it == job.loop.num_rollouts and bool(job.checkpoint.save_dir))
     finally:
         mlog.close()
+        sync.close(engines)
         if engines is not None:
             engines.stop()
     return history

@@ -276,29 +276,47 @@ class SGLangClient:
             "world_size": int(world_size), "group_name": group_name, "backend": backend})
 
     async def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                              policy_version: int, group_name: str = "weight_update_group",
-                                              flush_cache: bool = True) -> dict:
-        """Receive one bucket of tensors broadcast by the trainer (``/update_weights_from_distributed``)."""
-        result = await self.request("POST", "/update_weights_from_distributed", retry=False, json={
-            "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
-            "flush_cache": flush_cache, "weight_version": str(int(policy_version))})
+                                              policy_version: Optional[int], group_name: str = "weight_update_group",
+                                              flush_cache: bool = True, load_format: Optional[str] = None) -> dict:
+        """Receive one bucket of tensors broadcast by the trainer (``/update_weights_from_distributed``).
+
+        ``policy_version=None`` leaves the engine's weight version unchanged (buckets before the
+        last one of a sync); ``load_format="flattened_bucket"``: the bucket comes as one flat
+        uint8 broadcast.
+        """
+        body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+                                "flush_cache": flush_cache}
+        if policy_version is not None:
+            body["weight_version"] = str(int(policy_version))
+        if load_format is not None:
+            body["load_format"] = load_format
+        result = await self.request("POST", "/update_weights_from_distributed", retry=False, json=body)
         if not result.get("success", False):
             raise RolloutEngineError(f"{self.url}/update_weights_from_distributed failed: {result.get('message')}")
-        self.policy_version = int(policy_version)
+        if policy_version is not None:
+            self.policy_version = int(policy_version)
         return result
 
-    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], policy_version: int, *,
+    async def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
+        """Leave the weight-broadcast group (``/destroy_weights_update_group``)."""
+        return await self.request("POST", "/destroy_weights_update_group", retry=False,
+                                  json={"group_name": group_name})
+
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], policy_version: Optional[int], *,
                                          load_format: Optional[str] = None, flush_cache: bool = True) -> dict:
         """Colocated update (``/update_weights_from_tensor``); tensors serialized by SGLang's
-        ``MultiprocessingSerializer`` and base64-encoded by the caller."""
-        body: dict[str, Any] = {"serialized_named_tensors": serialized_named_tensors, "flush_cache": flush_cache,
-                                "weight_version": str(int(policy_version))}
+        ``MultiprocessingSerializer`` and base64-encoded by the caller (one string per engine TP
+        rank). ``policy_version=None`` leaves the engine's weight version unchanged."""
+        body: dict[str, Any] = {"serialized_named_tensors": serialized_named_tensors, "flush_cache": flush_cache}
+        if policy_version is not None:
+            body["weight_version"] = str(int(policy_version))
         if load_format is not None:
             body["load_format"] = load_format
         result = await self.request("POST", "/update_weights_from_tensor", json=body, retry=False)
         if not result.get("success", False):
             raise RolloutEngineError(f"{self.url}/update_weights_from_tensor failed: {result.get('message')}")
-        self.policy_version = int(policy_version)
+        if policy_version is not None:
+            self.policy_version = int(policy_version)
         return result
 
     async def pause_generation(self, mode: str = "abort") -> None:

@@ -35,6 +35,7 @@ from megatron_vespo.rollout.embedded.models import (
 )
 from megatron_vespo.rollout.embedded.requests import GenRequest, parse_generate
 from megatron_vespo.rollout.embedded.sampling import reported_log_probs, return_original_logprob_from_env, sample_tokens
+from megatron_vespo.rollout.embedded.weight_update import WeightUpdateGroups, load_named_tensors
 from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class EmbeddedEngine:
         self._paused = False
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        self.weight_groups = WeightUpdateGroups()  # /init_weights_update_group & co.
 
     @classmethod
     def from_pretrained(cls, model_path: str, dtype: str = "float32", **kwargs: Any) -> "EmbeddedEngine":
@@ -122,6 +124,7 @@ class EmbeddedEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.weight_groups.destroy_all()
 
     @property
     def busy(self) -> bool:
@@ -213,6 +216,23 @@ class EmbeddedEngine:
                 self._set_version(str(weight_version))
             logger.info("loaded %d tensors from %s (weight_version %s)", n, model_path, self.weight_version)
             return True, "Succeeded to update model weights.", len(self._running) if self._paused else 0
+        return self.call_control(do)
+
+    def load_weights(self, named_tensors: list, weight_version: Optional[str] = None,
+                     abort_all_requests: bool = False) -> tuple[bool, str]:
+        """Copy ``(checkpoint name, tensor)`` pairs into the served model between decode steps
+        (all or nothing, ``weight_update.load_named_tensors``); ``(success, message)``."""
+        if abort_all_requests:
+            self.abort(abort_all=True, message="Abort by weight update")
+
+        def do() -> tuple[bool, str]:
+            try:
+                load_named_tensors(self.model, named_tensors)
+            except ValueError as exc:
+                return False, f"Failed to update parameter online: {exc}"
+            if weight_version is not None:
+                self._set_version(str(weight_version))
+            return True, "Succeeded to update parameter online."
         return self.call_control(do)
 
     def update_weight_version(self, new_version: str) -> None:

@@ -7,9 +7,11 @@ Start it with ``megatron-vespo serve --preset tiny --port 30000`` (or ``--model-
 Implemented like SGLang: ``/generate``, ``/health``, ``/health_generate``, ``/model_info``
 (+ ``/get_model_info``), ``/server_info`` (+ ``/get_server_info``), ``/flush_cache`` (no prefix
 cache here: always succeeds), ``/update_weights_from_disk``, ``/update_weight_version``,
-``/pause_generation``, ``/continue_generation``, ``/abort_request``. The NCCL / CUDA-IPC weight
-paths (``/init_weights_update_group``, ``/update_weights_from_distributed``,
-``/update_weights_from_tensor``) answer 400 with a message pointing to ``update_weights_from_disk``.
+``/pause_generation``, ``/continue_generation``, ``/abort_request``, and the in-memory weight
+paths on CPU: ``/init_weights_update_group`` (gloo only; nccl answers 400),
+``/update_weights_from_distributed``, ``/destroy_weights_update_group`` and
+``/update_weights_from_tensor`` (CPU shared-memory tensors from a process on this machine);
+see ``weight_update.py``.
 """
 
 import argparse
@@ -27,14 +29,11 @@ from typing import Any, Optional
 
 from megatron_vespo.rollout.embedded.engine import EmbeddedEngine
 from megatron_vespo.rollout.embedded.requests import render_response
+from megatron_vespo.rollout.embedded.weight_update import deserialize_named_tensors
 from megatron_vespo.rollout.process import ServerProcess, find_free_port
 from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
-
-_UNSUPPORTED = ("/init_weights_update_group", "/destroy_weights_update_group", "/update_weights_from_distributed",
-                "/update_weights_from_tensor")
-
 
 def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any:
     """The FastAPI app serving ``engine``."""
@@ -158,12 +157,46 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
         engine.resume()
         return {"message": "Generation continued successfully.", "status": "ok"}
 
-    async def unsupported(request: Request):
-        return JSONResponse({"success": False, "message": f"{request.url.path} needs NCCL / CUDA IPC and is not "
-                             "supported by the embedded CPU engine; use /update_weights_from_disk"}, status_code=400)
+    def answer(ok: bool, msg: str) -> Any:
+        return JSONResponse({"success": ok, "message": msg}, status_code=200 if ok else 400)
 
-    for path in _UNSUPPORTED:
-        app.add_api_route(path, unsupported, methods=["POST"])
+    @app.post("/init_weights_update_group")
+    def init_weights_update_group(body: dict = Body(...)):  # sync: blocks until the group formed
+        try:
+            args = (str(body["master_address"]), int(body["master_port"]), int(body["rank_offset"]),
+                    int(body["world_size"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            return answer(False, f"master_address, master_port, rank_offset and world_size are required: {exc}")
+        return answer(*engine.weight_groups.init(*args, str(body.get("group_name", "weight_update_group")),
+                                                 str(body.get("backend", "nccl"))))
+
+    @app.post("/destroy_weights_update_group")
+    def destroy_weights_update_group(body: dict = Body(...)):
+        return answer(*engine.weight_groups.destroy(str(body.get("group_name", "weight_update_group"))))
+
+    @app.post("/update_weights_from_distributed")
+    def update_weights_from_distributed(body: dict = Body(...)):
+        try:  # receive first, whatever the names: the trainer's broadcast must be consumed
+            named = engine.weight_groups.receive(str(body.get("group_name", "weight_update_group")),
+                                                 body.get("names"), body.get("dtypes"), body.get("shapes"),
+                                                 body.get("load_format"))
+        except ValueError as exc:
+            return answer(False, str(exc))
+        return answer(*engine.load_weights(named, body.get("weight_version"),
+                                           bool(body.get("abort_all_requests", False))))
+
+    @app.post("/update_weights_from_tensor")
+    def update_weights_from_tensor(body: dict = Body(...)):
+        payloads = body.get("serialized_named_tensors")
+        if not isinstance(payloads, list) or len(payloads) != 1:  # one entry per TP rank; we have one
+            return answer(False, "serialized_named_tensors must be a list with one entry (tp_size 1)")
+        try:
+            named = deserialize_named_tensors(payloads[0], body.get("load_format"))
+        except Exception as exc:  # noqa: BLE001 - malformed or blocked payload
+            return answer(False, f"Failed to read serialized_named_tensors: {type(exc).__name__}: {exc}")
+        return answer(*engine.load_weights(named, body.get("weight_version"),
+                                           bool(body.get("abort_all_requests", False))))
+
     return app
 
 

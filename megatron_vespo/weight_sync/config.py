@@ -1,0 +1,46 @@
+"""Config of the weight sync to the rollout engines (owned by ``weight_sync/``).
+
+Which path runs is ``loop.weight_sync`` (``disk`` | ``distributed`` | ``tensor``); this section
+holds the knobs of the paths. Names follow slime's where one exists
+(``update_weight_buffer_size`` -> ``bucket_mb``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from megatron_vespo.config.base import Section
+
+
+class WeightSyncConfig(Section):
+    """Weight-sync knobs.
+
+    ``bucket_mb``: HF tensors are exported and sent in buckets of at most this many MiB (one
+    HTTP call + broadcast per bucket). ``dtype``: cast on export (default: the model's dtype;
+    set ``bfloat16`` when the trainer keeps fp32 weights and the engine serves bf16).
+    ``backend``: process-group backend of the ``distributed`` path; ``auto`` = nccl with CUDA,
+    gloo without. ``master_address`` / ``master_port``: where training rank 0 listens for the
+    engines (default: 127.0.0.1 when every engine is local, else this host's address; port 0 =
+    a free one). ``flattened_bucket``: send each bucket as one flat uint8 tensor (SGLang's
+    ``load_format="flattened_bucket"``, one broadcast per bucket instead of one per tensor).
+    ``init_timeout_s`` bounds the group rendezvous, ``op_timeout_s`` every broadcast.
+    ``keep_last``: exported versions kept on disk by the ``disk`` path.
+    """
+
+    bucket_mb: float = Field(512, gt=0)
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    master_address: Optional[str] = None
+    master_port: int = Field(0, ge=0, le=65535)
+    group_name: str = Field("weight_update_group", min_length=1)
+    flattened_bucket: bool = False
+    init_timeout_s: float = Field(300.0, gt=0)
+    op_timeout_s: float = Field(600.0, gt=0)
+    keep_last: int = Field(2, ge=1)
+
+    @property
+    def bucket_bytes(self) -> int:
+        """``bucket_mb`` in bytes."""
+        return max(1, int(self.bucket_mb * 2**20))

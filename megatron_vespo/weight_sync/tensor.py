@@ -1,0 +1,174 @@
+"""Weight sync to colocated engines through ``/update_weights_from_tensor`` (CUDA IPC on GPU).
+
+Payload, as sglang 0.5.23 reads it (``model_runner_components/weight_updater.py``,
+``weight_sync/tensor_bucket.py``): ``serialized_named_tensors`` holds one string per engine TP
+rank, each ``base64(ForkingPickler.dumps(obj))`` (``MultiprocessingSerializer.serialize(obj,
+output_str=True)``). With ``load_format="flattened_bucket"`` (what we send), ``obj`` is
+``{"flattened_tensor": uint8[total_bytes], "metadata": [m, ...]}`` where each ``m`` has
+``name, shape, dtype, start_idx, end_idx, numel`` in bytes of the flat tensor, and the engine
+rebuilds ``flat[start:end].view(dtype).reshape(shape)``. SGLang's allowlist unpickler accepts
+its own ``FlattenedTensorMetadata`` and ``types.SimpleNamespace``; we use the former when
+sglang is importable (colocated jobs usually have it) and the latter otherwise. A CUDA tensor
+pickles as an IPC handle: the engine maps the trainer's memory, so the trainer keeps the bucket
+alive until the engine has answered. A CPU tensor pickles as a shared-memory file descriptor,
+which is how the embedded engine exercises this path on CPU.
+
+Layout: colocated engine ``e`` with TP size T runs on the GPUs of training ranks ``e*T ..
+e*T+T-1``; each training rank serializes its own copy of the bucket and rank 0 (the only rank
+with engine clients) posts every engine its T payloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import time
+import types
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Awaitable, Callable, Optional, Sequence
+
+import torch
+
+from megatron_vespo.weight_sync.config import WeightSyncConfig
+from megatron_vespo.weight_sync.group import with_last
+
+logger = logging.getLogger(__name__)
+
+
+def _metadata_class() -> Callable[..., Any]:
+    try:
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+    except Exception:  # noqa: BLE001 - sglang absent or not importable here (e.g. no CUDA build)
+        return types.SimpleNamespace
+    return FlattenedTensorMetadata
+
+
+def flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """``{"flattened_tensor", "metadata"}`` of SGLang's flattened bucket (uint8, byte offsets, any dtypes)."""
+    if not named_tensors:
+        raise ValueError("cannot build a flattened bucket from no tensors")
+    meta_cls, metadata, parts, offset = _metadata_class(), [], [], 0
+    for name, t in named_tensors:
+        flat = t.detach().contiguous().view(-1).view(torch.uint8)
+        metadata.append(meta_cls(name=name, shape=t.shape, dtype=t.dtype, start_idx=offset,
+                                 end_idx=offset + flat.numel(), numel=flat.numel()))
+        parts.append(flat)
+        offset += flat.numel()
+    return {"flattened_tensor": torch.cat(parts), "metadata": metadata}
+
+
+def reconstruct_flattened(flat: torch.Tensor, meta: Sequence[tuple]) -> list[tuple[str, torch.Tensor]]:
+    """Views of ``flat`` (uint8) per ``(name, dtype, shape[, start, end])``; offsets default to packed.
+
+    Raises ValueError when an entry falls outside ``flat``, is misaligned or its size does not
+    match its shape (SGLang would read garbage or crash).
+    """
+    if flat.dtype != torch.uint8 or flat.dim() != 1:
+        raise ValueError(f"flattened tensor must be 1-D uint8, got {flat.dtype} {list(flat.shape)}")
+    out, offset = [], 0
+    for entry in meta:
+        name, dtype, shape = entry[0], entry[1], torch.Size(entry[2])
+        start, end = (entry[3], entry[4]) if len(entry) > 3 else (offset, offset + shape.numel() * dtype.itemsize)
+        if not 0 <= start <= end <= flat.numel() or end - start != shape.numel() * dtype.itemsize:
+            raise ValueError(f"{name}: bytes [{start}, {end}) do not hold {list(shape)} {dtype} inside a flat "
+                             f"tensor of {flat.numel()} bytes")
+        if start % dtype.itemsize:
+            raise ValueError(f"{name}: byte offset {start} is not aligned to {dtype}")
+        out.append((name, flat[start:end].view(dtype).reshape(shape)))
+        offset = end
+    return out
+
+
+def serialize(obj: Any) -> str:
+    """SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)``.
+
+    With sglang importable its torch-reduction patch is applied first so CUDA tensors carry the
+    device UUID (what its deserializer maps back to a local device index).
+    """
+    try:
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+        monkey_patch_torch_reductions()
+    except Exception:  # noqa: BLE001 - plain torch reductions (device index) otherwise
+        pass
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(obj)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class TensorWeightSync:
+    """Push the actor's weights to colocated engines with ``update_weights_from_tensor``.
+
+    Args:
+        hf_cfg: the model's HF config (mapping dims).
+        cfg: ``WeightSyncConfig`` (bucket size, export dtype).
+        engine_tp_size: GPUs per engine (SGLang ``--tp-size``); the world must be a multiple.
+        device: where bucket copies live (default: the current CUDA device, else CPU).
+    """
+
+    def __init__(self, hf_cfg: Any, cfg: Optional[WeightSyncConfig] = None, *, engine_tp_size: int = 1,
+                 device: Optional[torch.device] = None) -> None:
+        from megatron_vespo.checkpoint.export import as_dims
+
+        self.dims, self.cfg, self.tp = as_dims(hf_cfg), cfg or WeightSyncConfig(), int(engine_tp_size)
+        if self.tp < 1:
+            raise ValueError(f"engine_tp_size must be >= 1, got {engine_tp_size}")
+        self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                                 else torch.device("cpu"))
+
+    def _post(self, clients: Sequence[Any], run: Callable[[Awaitable[Any]], Any], payloads: list[str],
+              version: Optional[int], last: bool) -> Optional[str]:
+        async def go() -> list[Any]:
+            return await asyncio.gather(*[
+                c.update_weights_from_tensor(payloads[e * self.tp:(e + 1) * self.tp],
+                                             version if last else None, load_format="flattened_bucket",
+                                             flush_cache=last)
+                for e, c in enumerate(clients)], return_exceptions=True)
+        errors = [f"{type(r).__name__}: {r}" for r in run(go()) if isinstance(r, BaseException)]
+        return "; ".join(errors) or None
+
+    @torch.no_grad()
+    def push(self, model: Any, version: int, clients: Optional[Sequence[Any]] = None,
+             run: Optional[Callable[[Awaitable[Any]], Any]] = None) -> dict[str, float]:
+        """Collective: every training rank serializes each bucket; rank 0 posts them to ``clients``.
+
+        Raises RuntimeError on every rank when an engine rejects a bucket.
+        """
+        from megatron_vespo.checkpoint.export import iter_hf_weights
+
+        rank, world = _rank_world()
+        if rank == 0 and (clients is None or run is None):
+            raise ValueError("TensorWeightSync.push needs clients= and run= on rank 0")
+        if world % self.tp or (rank == 0 and len(clients) != world // self.tp):
+            raise ValueError(f"colocated engines: {world} training ranks must equal engines x engine_tp_size "
+                             f"({len(clients or [])} x {self.tp})")
+        t0, nbytes, nbuckets = time.perf_counter(), 0, 0
+        buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.dtype)
+        for bucket, last in with_last(buckets):  # the last bucket carries the version and the cache flush
+            self._send(bucket, last, version, clients, run, rank, world)
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            nbuckets += 1
+        return {"weight_sync/total_s": time.perf_counter() - t0, "weight_sync/bytes": float(nbytes),
+                "weight_sync/buckets": float(nbuckets)}
+
+    def _send(self, bucket: list, last: bool, version: int, clients: Any, run: Any, rank: int, world: int) -> None:
+        data = flattened_bucket([(n, t.to(self.device)) for n, t in bucket])
+        mine = serialize(data)
+        payloads = [mine]
+        if world > 1:
+            payloads = [None] * world if rank == 0 else None
+            torch.distributed.gather_object(mine, payloads, dst=0)
+        status = [self._post(clients, run, payloads, version, last) if rank == 0 else None]
+        if world > 1:  # also keeps every rank's bucket alive until the engines have copied it
+            torch.distributed.broadcast_object_list(status, src=0)
+        if status[0] is not None:
+            raise RuntimeError(f"update_weights_from_tensor failed: {status[0]}")
+        del data

@@ -1,0 +1,234 @@
+"""Distributed (broadcast) and tensor weight sync into the embedded engine, for real, on CPU (gloo).
+
+One spawned process per layout runs the whole scenario (Megatron's global state and process
+start-up dominate on CPU); the tests assert on what it returns:
+* 1 trainer rank: push -> every served weight is bit-identical to the exported HF tensors,
+  generation changes, the version is tagged; per-tensor and flattened-bucket broadcasts;
+  a bad name / shape is refused with a clear message and leaves the weights and the group
+  intact; the tensor path (shared-memory payloads) gives the same bits.
+* 2 trainer ranks (TP2 x EP2) push into one engine; a failed connect raises on both ranks.
+"""
+
+import time
+
+import httpx
+import pytest
+import torch
+from _dist import run_distributed
+from ws_helpers import build_model, engine_state, fill_nan, greedy, mismatches, nan_params, new_loop
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.distributed
+
+PROMPT = [3, 17, 42, 9, 100]
+
+
+def _cfg(**kw):
+    from megatron_vespo.weight_sync.config import WeightSyncConfig
+
+    return WeightSyncConfig(**{"bucket_mb": 0.1, "init_timeout_s": 30, "op_timeout_s": 60, **kw})
+
+
+def _one_rank(rank, world):
+    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.rollout.client import SGLangClient
+    from megatron_vespo.rollout.embedded.server import start_embedded_server
+    from megatron_vespo.weight_sync.distributed import DistributedWeightSync
+    from megatron_vespo.weight_sync.tensor import TensorWeightSync
+
+    out = {}
+    model, hf_cfg = build_model()
+    ref = export_hf_state_dict(model, hf_cfg)
+    handle = start_embedded_server(preset="tiny", seed=7, mode="thread")
+    loop, run = new_loop()
+    client = SGLangClient(handle.url, timeout_s=60, max_retries=0)
+    try:
+        out["before"] = greedy(client, run, PROMPT)
+        fill_nan(handle.engine)
+        sync = DistributedWeightSync(hf_cfg, _cfg())
+        out["metrics"] = sync.push(model, 3, clients=[client], run=run)
+        out["nan_after_push"] = nan_params(handle.engine)
+        out["mismatch_after_push"] = mismatches(handle.engine, ref)
+        out["n_ref"] = len(ref)
+        out["after"] = greedy(client, run, PROMPT)
+        out["version"] = run(client.weight_version())
+
+        # bad buckets: refused after being received, nothing applied, the group still works
+        kept = engine_state(handle.engine)["model.norm.weight"].clone()
+        for key, bucket in (("bad_name", [("model.norm.weight", torch.full((64,), 5.0)),
+                                          ("model.layers.0.mlp.experts.99.gate_proj.weight", torch.zeros(32, 64))]),
+                            ("bad_shape", [("model.norm.weight", torch.zeros(3))])):
+            try:
+                sync.send_bucket(bucket, run, version=99)
+                out[key] = "no error"
+            except Exception as exc:  # noqa: BLE001
+                out[key] = f"{type(exc).__name__}: {exc}"
+        out["norm_kept"] = torch.equal(engine_state(handle.engine)["model.norm.weight"], kept)
+        out["version_after_bad"] = run(client.weight_version())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)
+        ref2 = export_hf_state_dict(model, hf_cfg)
+        out["push2"] = sync.push(model, 4, clients=[client], run=run)
+        out["mismatch_push2"] = mismatches(handle.engine, ref2)
+
+        # flattened_bucket: one broadcast per bucket, through a new group (the old one is torn down first)
+        sync.disconnect(run)
+        flat = DistributedWeightSync(hf_cfg, _cfg(flattened_bucket=True))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        ref3 = export_hf_state_dict(model, hf_cfg)
+        out["flat"] = flat.push(model, 5, clients=[client], run=run)
+        out["mismatch_flat"] = mismatches(handle.engine, ref3)
+        flat.disconnect(run)
+
+        # engine-side: nccl is refused with a clear 400
+        try:
+            run(client.init_weights_update_group("127.0.0.1", 1, 1, 2, "nope", backend="nccl"))
+            out["nccl"] = "no error"
+        except Exception as exc:  # noqa: BLE001
+            out["nccl"] = f"{type(exc).__name__}: {exc}"
+
+        # the tensor path (colocated; here CPU shared memory): same bits
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-1.0)
+        ref4 = export_hf_state_dict(model, hf_cfg)
+        out["tensor"] = TensorWeightSync(hf_cfg, _cfg()).push(model, 6, clients=[client], run=run)
+        out["mismatch_tensor"] = mismatches(handle.engine, ref4)
+        out["version_tensor"] = run(client.weight_version())
+    finally:
+        run(client.aclose())
+        handle.stop()
+        loop.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    return run_distributed(_one_rank, 1, timeout=240)[0]
+
+
+def test_push_makes_engine_weights_bit_identical(one_rank):
+    r = one_rank
+    assert r["nan_after_push"] == []  # every served parameter was written
+    assert r["mismatch_after_push"] == [] and r["n_ref"] > 50
+    assert r["metrics"]["weight_sync/buckets"] > 1  # several buckets: version and flush on the last one only
+    assert r["metrics"]["weight_sync/bytes"] > 0
+
+
+def test_generation_changes_and_version_is_tagged(one_rank):
+    r = one_rank
+    assert r["before"][0] != r["after"][0] or r["before"][1] != r["after"][1]
+    assert r["version"] == "3" and r["after"][2] == 3
+
+
+def test_bad_name_and_shape_are_refused_and_change_nothing(one_rank):
+    r = one_rank
+    assert "not in the served model" in r["bad_name"] and "experts.99.gate_proj" in r["bad_name"]
+    assert "shape mismatch" in r["bad_shape"] and "model.norm.weight" in r["bad_shape"]
+    assert r["norm_kept"]  # the valid half of the bad bucket was not applied
+    assert r["version_after_bad"] == "3"
+    assert r["mismatch_push2"] == []  # the group survived the refused buckets
+    assert r["push2"]["weight_sync/connect_s"] == 0.0  # ... and was reused
+
+
+def test_flattened_bucket_and_tensor_paths(one_rank):
+    r = one_rank
+    assert r["mismatch_flat"] == [] and r["flat"]["weight_sync/connect_s"] > 0
+    assert "nccl" in r["nccl"] and "400" in r["nccl"]
+    assert r["mismatch_tensor"] == [] and r["version_tensor"] == "6"
+
+
+def _two_ranks(rank, world):
+    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.rollout.client import RolloutEngineError, SGLangClient
+    from megatron_vespo.rollout.embedded.server import start_embedded_server
+    from megatron_vespo.weight_sync.distributed import DistributedWeightSync
+
+    model, hf_cfg = build_model(tp=2, ep=2)
+    ref = export_hf_state_dict(model, hf_cfg)
+    out, handle, client, loop, run = {}, None, None, None, None
+    if rank == 0:
+        handle = start_embedded_server(preset="tiny", seed=7, mode="thread")
+        loop, run = new_loop()
+        client = SGLangClient(handle.url, timeout_s=60, max_retries=0)
+        fill_nan(handle.engine)
+    try:
+        out["metrics"] = DistributedWeightSync(hf_cfg, _cfg()).push(
+            model, 1, clients=[client] if rank == 0 else None, run=run)
+        if rank == 0:
+            out["nan"] = nan_params(handle.engine)
+            out["mismatch"] = mismatches(handle.engine, ref)
+            out["version"] = run(client.weight_version())
+        # rank 0 cannot reach its engine: both ranks must raise (not hang in the export's collectives)
+        dead = SGLangClient("http://127.0.0.1:9", timeout_s=5, max_retries=0) if rank == 0 else None
+        try:
+            DistributedWeightSync(hf_cfg, _cfg()).push(model, 2, clients=[dead] if rank == 0 else None, run=run)
+            out["dead"] = "no error"
+        except RolloutEngineError as exc:
+            out["dead"] = str(exc)
+        if dead is not None:
+            run(dead.aclose())
+    finally:
+        if rank == 0:
+            run(client.aclose())
+            handle.stop()
+            loop.close()
+    return out
+
+
+def test_two_trainer_ranks_tp2_ep2_push_to_one_engine():
+    r0, r1 = run_distributed(_two_ranks, 2, timeout=240)
+    assert r0["nan"] == [] and r0["mismatch"] == [] and r0["version"] == "1"
+    assert r1["metrics"]["weight_sync/bytes"] == 0  # only rank 0 sends
+    for r in (r0, r1):
+        assert "127.0.0.1:9" in r["dead"], r["dead"]
+
+
+def test_unreachable_engine_is_named():
+    from ws_helpers import new_loop as _new_loop
+
+    from megatron_vespo.rollout.client import EngineUnreachableError, SGLangClient
+    from megatron_vespo.weight_sync.distributed import DistributedWeightSync
+
+    loop, run = _new_loop()
+    client = SGLangClient("http://127.0.0.1:9", timeout_s=5, max_retries=0)
+    sync = DistributedWeightSync({"model_type": "qwen3_moe", "num_attention_heads": 4, "hidden_size": 64,
+                                  "num_hidden_layers": 1, "num_experts": 2, "vocab_size": 16,
+                                  "moe_intermediate_size": 8, "intermediate_size": 8}, _cfg())
+    with pytest.raises(EngineUnreachableError, match="127.0.0.1:9"):
+        sync.connect([client], run)
+    assert sync.group is None
+    run(client.aclose())
+    loop.close()
+
+
+def test_group_init_timeout_is_bounded():
+    """An engine that accepts /init_weights_update_group but never joins: TimeoutError after init_timeout_s."""
+    from ws_helpers import new_loop as _new_loop
+
+    from megatron_vespo.rollout.client import SGLangClient
+    from megatron_vespo.weight_sync.distributed import DistributedWeightSync
+
+    def handler(request):
+        if request.url.path == "/server_info":
+            return httpx.Response(200, json={"tp_size": 1})
+        return httpx.Response(200, json={"success": True, "message": "ok"})
+
+    loop, run = _new_loop()
+    client = SGLangClient("http://fake-engine:30000", transport=httpx.MockTransport(handler), max_retries=0)
+    cfg = _cfg(init_timeout_s=2.0)
+    sync = DistributedWeightSync({"model_type": "qwen3_moe", "num_attention_heads": 4, "hidden_size": 64,
+                                  "num_hidden_layers": 1, "num_experts": 2, "vocab_size": 16,
+                                  "moe_intermediate_size": 8, "intermediate_size": 8}, cfg)
+    cfg_addr = sync.cfg.model_copy(update={"master_address": "127.0.0.1"})
+    sync.cfg = cfg_addr
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not form within 2.0s"):
+        sync.connect([client], run)
+    assert time.monotonic() - t0 < 15
+    run(client.aclose())
+    loop.close()
