@@ -26,11 +26,11 @@ def _run(args: argparse.Namespace) -> int:
 
     job = load_config(JobConfig, args.config, args.overrides)
     if job.loop.mode == "async":
-        raise SystemExit("loop.mode=async is not implemented yet; use loop.mode=sync "
-                         "(staleness N = train.rollout_batch_size / train.mini_batch_size)")
-    from megatron_vespo.orchestration.sync_loop import run_sync
+        from megatron_vespo.orchestration.async_loop import run_async as run
+    else:
+        from megatron_vespo.orchestration.sync_loop import run_sync as run
 
-    history = run_sync(job)
+    history = run(job)
     if history:
         logger.info("done: %d rollouts, final reward %.3f; metrics in %s/metrics.jsonl", len(history),
                     history[-1].get("rollout/reward_mean", float("nan")), job.loop.output_dir)

@@ -25,11 +25,16 @@ class RolloutEngines:
     """Running engines plus the router and the event loop used to talk to them (rank 0 only).
 
     Use as a context manager; ``stop()`` stops every engine this object started (attached
-    engines are left running).
+    engines are left running). ``embedded_mode`` forces ``thread`` or ``process`` embedded
+    servers (default: a thread for one engine, processes for several); the async loop wants
+    processes, so generation does not share the trainer's interpreter lock.
     """
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, *, log_dir: Optional[str] = None) -> None:
-        self.cfg, self.model_path = cfg, model_path
+    def __init__(self, cfg: RolloutConfig, model_path: str, *, log_dir: Optional[str] = None,
+                 embedded_mode: Optional[str] = None) -> None:
+        if embedded_mode not in (None, "thread", "process"):
+            raise ValueError(f"embedded_mode must be thread, process or None, got {embedded_mode!r}")
+        self.cfg, self.model_path, self.embedded_mode = cfg, model_path, embedded_mode
         self.log_dir = Path(log_dir or cfg.log_dir or "outputs/rollout_logs")
         self.loop = asyncio.new_event_loop()
         self._handles: list[Any] = []
@@ -66,7 +71,7 @@ class RolloutEngines:
             return [h.url for h in self._handles]
         from megatron_vespo.rollout.embedded.server import start_embedded_server
 
-        mode = "thread" if cfg.num_engines == 1 else "process"
+        mode = self.embedded_mode or ("thread" if cfg.num_engines == 1 else "process")
         for i in range(cfg.num_engines):
             self._handles.append(start_embedded_server(
                 self.model_path, host=cfg.host, mode=mode, random_seed=i,

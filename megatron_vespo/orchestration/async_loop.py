@@ -1,0 +1,235 @@
+"""The fully asynchronous RL loop (``loop.mode=async``): generation never waits for training::
+
+    rank 0 ── RolloutEngines (embedded processes / SGLang) ◄──HTTP── RolloutWorker (Ray actor)
+                                                                    prompts ─► groups ─► GroupBuffer
+    every training rank:                                            (bounded, tagged with versions)
+    for it in start+1 .. num_rollouts:
+        groups = worker.take(B groups with lag <= L)     # rank 0; waits only when the buffer is short
+        batch  = collate(groups) -> broadcast            # group advantages, padding
+        actor.train_on_rollout(batch)                    # N updates; the worker keeps generating
+        version += 1
+        pause engines -> weight update(version) -> continue   # loop.pause_mode; update is collective
+        worker.set_version(version)                      # admission budget grows by one batch
+        checkpoint (data position = data set + prompts not yet trained on)
+
+B = train.rollout_batch_size / rollout.n_samples_per_prompt groups per batch, L =
+``loop.max_policy_lag``. A sample is tagged with the version that generated its first token;
+its policy lag is the trainer's version when the batch is taken minus that tag, never more
+than L (``async_buffer``). Per-rollout metrics add the lag histogram, stale drops, buffer
+fill, generation throughput, the time the trainer waited for data and how much of the
+training time the engines were generating (``async/overlap_frac``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Optional
+
+from megatron_vespo.config.base import ConfigError
+from megatron_vespo.config.job import JobConfig
+from megatron_vespo.orchestration.async_buffer import lag_metrics
+from megatron_vespo.types import Sample, SampleStatus
+from megatron_vespo.utils.imports import require
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 2.0  # one take() call waits at most this long, so errors and Ctrl-C surface quickly
+
+
+def async_bounds(job: JobConfig) -> tuple[int, int, int]:
+    """(groups per batch B, buffer capacity, max in-flight groups) of an async job; ConfigError names the key."""
+    loop = job.loop
+    groups = job.train.rollout_batch_size // job.rollout.n_samples_per_prompt
+    buffer_groups = loop.buffer_groups or (loop.max_policy_lag + 1) * groups
+    if buffer_groups < groups:
+        raise ConfigError(f"loop.buffer_groups={buffer_groups} is smaller than one rollout batch ({groups} groups = "
+                          "train.rollout_batch_size / rollout.n_samples_per_prompt): the trainer could never pull one")
+    if loop.pause_mode == "in_place" and job.rollout.engine == "sglang" and loop.weight_sync != "disk":
+        raise ConfigError(f"loop.pause_mode=in_place with loop.weight_sync={loop.weight_sync} on SGLang engines: the "
+                          "update flushes the KV cache, which SGLang refuses while requests are paused in place; "
+                          "use loop.pause_mode=abort or retract (or loop.weight_sync=disk)")
+    return groups, buffer_groups, loop.max_inflight_groups or groups
+
+
+def init_ray(ray: Any, address: Optional[str], num_cpus: int) -> None:
+    """Join ``address`` (else ``$RAY_ADDRESS``), or start a local Ray with ``num_cpus`` CPUs."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        logger.info("joined the Ray cluster at %s", address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        logger.info("started a local Ray with %d CPUs", num_cpus)
+
+
+def sample_metrics(samples: list[Sample]) -> dict[str, float]:
+    """Reward, length and truncation of the trained samples (the sync loop's keys)."""
+    rewards = [s.reward for s in samples]
+    return {"rollout/reward_mean": sum(rewards) / len(rewards), "rollout/reward_max": max(rewards),
+            "rollout/response_len_mean": sum(len(s.response_tokens) for s in samples) / len(samples),
+            "rollout/truncated_frac": sum(s.status == SampleStatus.TRUNCATED for s in samples) / len(samples),
+            "async/multi_version_frac": sum(len(s.metadata.get("weight_versions") or ()) > 1
+                                            for s in samples) / len(samples)}
+
+
+def pull_groups(ray: Any, worker: Any, n_groups: int, version: int) -> tuple[list[list[Sample]], dict]:
+    """Rank 0: wait for ``n_groups`` usable groups from the worker; metrics include ``time/wait_s``."""
+    t0 = last_log = time.perf_counter()
+    while True:
+        res = ray.get(worker.take.remote(n_groups, version, POLL_S))
+        if res["groups"]:
+            return res["groups"], {**res["metrics"], "time/wait_s": time.perf_counter() - t0}
+        if time.perf_counter() - last_log > 60:
+            last_log = time.perf_counter()
+            logger.warning("waited %.0fs for rollout data: %s", last_log - t0, ray.get(worker.stats.remote()))
+
+
+class _PausedDiskLoad:
+    """The ``engines`` the disk sync sees: its ``/update_weights_from_disk`` call is wrapped in pause/continue.
+
+    So the engines keep generating while the trainer exports the weights and pause only while
+    they load them. With ``in_place`` the load does not flush the cache (SGLang cannot while
+    requests hold it paused).
+    """
+
+    def __init__(self, engines: Any, mode: str) -> None:
+        self.engines, self.mode, self.run, self.paused_s = engines, mode, engines.run, 0.0
+        self.router = self
+
+    async def update_weights_from_disk(self, model_path: str, policy_version: int, **kwargs: Any) -> list:
+        router = self.engines.router
+        t0 = time.perf_counter()
+        await router.pause_generation(self.mode)
+        try:
+            return await router.update_weights_from_disk(model_path, policy_version,
+                                                         flush_cache=self.mode != "in_place", **kwargs)
+        finally:
+            await router.continue_generation()
+            self.paused_s = time.perf_counter() - t0
+
+
+def update_engines(setup: Any, engines: Any, version: int, pause_mode: str) -> dict[str, float]:
+    """Collective: put ``version`` into the engines with generation paused around the load (rank 0 pauses)."""
+    from megatron_vespo.orchestration.setup import broadcast_from_rank0
+
+    model = setup.actor.model
+    if setup.job.loop.weight_sync == "disk":
+        view = _PausedDiskLoad(engines, pause_mode) if engines is not None else None
+        metrics = setup.sync.update(model, version, view)
+        return {**metrics, "time/engines_paused_s": view.paused_s if view else 0.0}
+    # broadcast / CUDA-IPC paths: the engines must not generate with half-updated weights
+    t0, error = time.perf_counter(), None
+    if engines is not None:
+        try:
+            engines.run(engines.router.pause_generation(pause_mode))
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank
+            error = f"pause_generation failed: {type(exc).__name__}: {exc}"
+    broadcast_from_rank0(None, None, error)
+    try:
+        metrics = setup.sync.update(model, version, engines)
+    finally:
+        if engines is not None:
+            engines.run(engines.router.continue_generation())
+    return {**metrics, "time/engines_paused_s": time.perf_counter() - t0 if engines is not None else 0.0}
+
+
+def run_async(job: JobConfig) -> list[dict[str, float]]:
+    """Run ``job.loop.num_rollouts`` iterations with concurrent generation; returns rank 0's per-rollout metrics."""
+    if job.loop.mode != "async":
+        raise ValueError(f"run_async runs loop.mode=async, got loop.mode={job.loop.mode}")
+    ray = require("ray", "loop.mode=async (the rollout worker is a Ray actor)")
+    n_groups, buffer_groups, inflight = async_bounds(job)
+    from megatron_vespo.buffer import collate
+    from megatron_vespo.orchestration.rollout_worker import spawn_worker
+    from megatron_vespo.orchestration.setup import broadcast_from_rank0, prepare_loop
+
+    s = prepare_loop(job)
+    L, version, rank0 = job.loop.max_policy_lag, s.version, s.rank0
+    engines = worker = mlog = None
+    ray_started = False
+    history: list[dict[str, float]] = []
+    try:
+        engines = s.start_engines(embedded_mode="process")
+        if rank0:
+            # engines start tagged "default"; the lag arithmetic needs the trainer's version
+            engines.run(engines.router.broadcast(lambda c: c.update_weight_version(version)))
+            if not ray.is_initialized():
+                init_ray(ray, job.loop.ray_address, job.loop.ray_num_cpus)
+                ray_started = True
+            worker = spawn_worker(ray, job.rollout, engines.router.urls, s.dataset, job.data.reward,
+                                  groups_per_batch=n_groups, max_policy_lag=L, start_version=version,
+                                  buffer_groups=buffer_groups, max_inflight_groups=inflight,
+                                  route_spec=engines.router.clients[0].route_spec,
+                                  pending_prompts=s.data_state.get("pending_prompts", []))
+        mlog = s.metrics_logger()
+        for it in range(s.start + 1, job.loop.num_rollouts + 1):
+            t0 = time.perf_counter()
+            batch, error, rm, before = None, None, {}, {}
+            if rank0:
+                try:
+                    groups, rm = pull_groups(ray, worker, n_groups, version)
+                    samples = [x for g in groups for x in g]
+                    rm.update({**lag_metrics(groups, version, L), **sample_metrics(samples)})
+                    batch = collate(samples)
+                    before = ray.get(worker.stats.remote())
+                except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                    error = f"{type(exc).__name__}: {exc}"
+                    logger.exception("rollout %d failed", it)
+            batch, _ = broadcast_from_rank0(batch, None, error)
+            t1 = time.perf_counter()
+            updates = s.actor.train_on_rollout(batch)
+            t2 = time.perf_counter()
+            if rank0:
+                after = ray.get(worker.stats.remote())
+                busy = after["busy_s"] - before["busy_s"]  # both snapshots bracket the training step
+                rm.update({"async/gen_busy_during_train_s": busy,
+                           "async/overlap_frac": busy / max(after["clock_s"] - before["clock_s"], 1e-9),
+                           "async/samples_generated_during_train": after["samples"] - before["samples"]})
+            version += 1
+            sm = update_engines(s, engines, version, job.loop.pause_mode)
+            if rank0:
+                ray.get(worker.set_version.remote(version))
+            for k, m in enumerate(updates):
+                mlog.log(m, step=(it - 1) * job.train.staleness + k + 1)
+            summary = {"rollout": float(it), "policy_version": float(version), **rm, **sm,
+                       "time/train_s": t2 - t1, "time/iteration_s": time.perf_counter() - t0,
+                       "train/loss_last": updates[-1].get("loss", float("nan")),
+                       "train/grad_norm_last": updates[-1].get("grad_norm", float("nan"))}
+            mlog.log(summary, step=it * job.train.staleness)
+            history.append(summary)
+            if rank0:
+                logger.info("rollout %d/%d: reward %.3f, lag %.2f (max %d), waited %.2fs, trained %.2fs, "
+                            "overlap %.0f%%",
+                            it, job.loop.num_rollouts, summary["rollout/reward_mean"], summary["async/lag_mean"],
+                            summary["async/lag_max"], summary["time/wait_s"], t2 - t1,
+                            100 * summary["async/overlap_frac"])
+            data_state = ray.get(worker.state_dict.remote()) if rank0 else {}
+            s.save(it, version, data_state)
+    finally:
+        if mlog is not None:
+            mlog.close()
+        shutdown(ray, worker, engines, s.sync, ray_started)
+    return history
+
+
+def shutdown(ray: Any, worker: Any, engines: Any, sync: Any, ray_started: bool) -> None:
+    """Stop the worker (cancel its requests), kill its actor, close the weight sync, stop the engines and Ray.
+
+    Every step runs even when an earlier one fails (and on Ctrl-C), so nothing is left running.
+    """
+    steps = []
+    if worker is not None:
+        steps += [("stop rollout worker", lambda: ray.get(worker.stop.remote(), timeout=30)),
+                  ("kill rollout worker", lambda: ray.kill(worker))]
+    steps.append(("close weight sync", lambda: sync.close(engines)))
+    if engines is not None:
+        steps.append(("stop engines", engines.stop))
+    if ray_started:
+        steps.append(("stop Ray", ray.shutdown))
+    for what, fn in steps:
+        try:
+            fn()
+        except BaseException:  # noqa: BLE001 - keep shutting down; a second Ctrl-C must not leak processes
+            logger.warning("%s failed during shutdown", what, exc_info=True)

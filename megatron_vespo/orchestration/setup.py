@@ -1,0 +1,133 @@
+"""What the sync and the async loop share: actor, resume, data, reward, weight sync, engines, metrics.
+
+``prepare_loop(job)`` runs on every training rank (it is collective: the actor, the resume and
+the weight export are), in this order:
+
+1. the Megatron actor; rank 0 writes ``<loop.output_dir>/config.yaml``;
+2. resume (``checkpoint.load`` or an existing ``checkpoint.save_dir``), else the HF base
+   model when ``model.hf_path`` is set; ``start`` iteration and policy ``version``;
+3. the prompt data set at its saved position, the reward function, the weight sync of
+   ``loop.weight_sync``;
+4. ``serve_path``: what the engines start from -- the HF base model itself on a fresh start
+   from it, otherwise (random init, resume) an export of the trainer's current weights.
+
+Engines are started by ``LoopSetup.start_engines`` on rank 0 only, after everything that can
+fail cheaply, so a config error never leaves an engine behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron_vespo.config.base import dump_config
+from megatron_vespo.config.job import JobConfig
+from megatron_vespo.utils.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def broadcast_from_rank0(batch: Any, data_state: Optional[dict], error: Optional[str]) -> tuple[Any, dict]:
+    """Send rank 0's batch and data position (or its error) to every rank; raise everywhere if rank 0 failed."""
+    payload = [(batch, data_state, error)]
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(payload, src=0)
+    batch, data_state, error = payload[0]
+    if error is not None:
+        raise RuntimeError(f"rollout failed on rank 0: {error}")
+    return batch, data_state
+
+
+def load_tokenizer(hf_path: Optional[str]) -> Any:
+    """The HF tokenizer of ``hf_path`` when it ships tokenizer files, else None (synthetic data)."""
+    if hf_path is None or not any((Path(hf_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_path)
+
+
+@dataclass
+class LoopSetup:
+    """Everything a loop needs before its first iteration (see the module docstring)."""
+
+    job: JobConfig
+    out: Path
+    actor: Any
+    ckpt: Any
+    state: Optional[dict]
+    start: int
+    version: int
+    dataset: Any
+    reward_fn: Any
+    sync: Any
+    serve_path: str
+    rank0: bool
+
+    @property
+    def data_state(self) -> dict:
+        """The data position saved with the resumed checkpoint (empty on a fresh start)."""
+        return dict((self.state or {}).get("data") or {})
+
+    def start_engines(self, embedded_mode: Optional[str] = None) -> Any:
+        """Rank 0: start (or attach to) the rollout engines on ``serve_path``; None on other ranks."""
+        if not self.rank0:
+            return None
+        from megatron_vespo.orchestration.engines import RolloutEngines
+
+        return RolloutEngines(self.job.rollout, self.serve_path, log_dir=str(self.out / "rollout_logs"),
+                              embedded_mode=embedded_mode).start()
+
+    def metrics_logger(self) -> Any:
+        """``metrics.jsonl`` (+ wandb) writer, enabled on rank 0."""
+        from megatron_vespo.observability import MetricsLogger
+
+        return MetricsLogger(self.out, self.job.logging, enabled=self.rank0,
+                             config_dump=self.job.model_dump(mode="json"))
+
+    def save(self, iteration: int, version: int, data_state: dict) -> None:
+        """Collective: checkpoint what is due at ``iteration`` (always the last one when ``save_dir`` is set)."""
+        job = self.job
+        self.ckpt.maybe_save(iteration, self.actor.model, self.actor.optimizer, self.actor.scheduler,
+                             state={"policy_version": version, "data": data_state},
+                             force=iteration == job.loop.num_rollouts and bool(job.checkpoint.save_dir))
+
+
+def prepare_loop(job: JobConfig) -> LoopSetup:
+    """Collective: build the actor, resume, data set, reward and weight sync (engines not started yet)."""
+    from megatron_vespo.checkpoint.manager import Checkpointer
+    from megatron_vespo.data import PromptDataset
+    from megatron_vespo.rewards import get_reward
+    from megatron_vespo.train.actor import MegatronActor
+    from megatron_vespo.weight_sync import build_weight_sync
+
+    out = Path(job.loop.output_dir)
+    actor = MegatronActor(job.model, job.parallel, job.train, job.loss, job.routing,
+                          temperature=job.rollout.sampling.temperature)
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "config.yaml") as fh:
+            fh.write(dump_config(job))
+    ckpt = Checkpointer(job.checkpoint, actor.hf_cfg, source_dir=job.model.hf_path)
+    state = ckpt.resume(actor.model, actor.optimizer, actor.scheduler)
+    if state is None and job.checkpoint.load is None and job.model.hf_path:
+        Checkpointer._load_hf(actor.model, job.model.hf_path)  # fresh start from the HF base model
+    start = int(state["iteration"]) if state else 0
+    version = int((state or {}).get("policy_version", start))
+    tok = load_tokenizer(job.model.hf_path)
+    dataset = PromptDataset.from_config(job.data, vocab_size=actor.hf_cfg.vocab_size,
+                                        tokenize=None if tok is None else tok.encode)
+    if state and state.get("data"):
+        dataset.load_state_dict(state["data"])
+    reward_fn = get_reward(job.data.reward)
+    sync = build_weight_sync(job.loop.weight_sync, root=out / "weights", hf_cfg=actor.hf_cfg, cfg=job.weight_sync,
+                             source_dir=job.model.hf_path, engine_tp_size=job.rollout.tp_size)
+    fresh_hf = state is None and job.checkpoint.load is None and job.model.hf_path is not None
+    serve_path = job.model.hf_path if fresh_hf else str(sync.export(actor.model, version))
+    return LoopSetup(job=job, out=out, actor=actor, ckpt=ckpt, state=state, start=start, version=version,
+                     dataset=dataset, reward_fn=reward_fn, sync=sync, serve_path=serve_path, rank0=rank0)
