@@ -33,6 +33,7 @@ import torch
 from megatron_vespo.rollout.client import RolloutEngineError
 from megatron_vespo.weight_sync.config import WeightSyncConfig
 from megatron_vespo.weight_sync.group import TrainerGroup, dtype_name, master_address_for, resolve_backend, with_last
+from megatron_vespo.weight_sync.tensor import aligned_order
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,8 @@ class DistributedWeightSync:
         """
         if self.group is None:
             raise RuntimeError("weight-update group not connected: call connect() first")
+        if self.cfg.flattened_bucket:  # packed byte offsets must stay aligned for the engine's dtype views
+            named_tensors = aligned_order(named_tensors)
         names = [n for n, _ in named_tensors]
         tensors = [t.detach().contiguous() for _, t in named_tensors]
         dtypes, shapes = [dtype_name(t.dtype) for t in tensors], [list(t.shape) for t in tensors]

@@ -45,12 +45,23 @@ def _metadata_class() -> Callable[..., Any]:
     return FlattenedTensorMetadata
 
 
+def aligned_order(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The tensors by decreasing element size (stable), so that packed byte offsets stay aligned.
+
+    SGLang views each slice of the flat uint8 tensor as its dtype, which needs the offset to be a
+    multiple of the element size (its receiver rejects unaligned buckets): an fp32 tensor after an
+    odd number of bf16 elements would break that.
+    """
+    return sorted(named_tensors, key=lambda nt: -nt[1].element_size())
+
+
 def flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
-    """``{"flattened_tensor", "metadata"}`` of SGLang's flattened bucket (uint8, byte offsets, any dtypes)."""
+    """``{"flattened_tensor", "metadata"}`` of SGLang's flattened bucket (uint8, byte offsets, any dtypes,
+    in :func:`aligned_order`)."""
     if not named_tensors:
         raise ValueError("cannot build a flattened bucket from no tensors")
     meta_cls, metadata, parts, offset = _metadata_class(), [], [], 0
-    for name, t in named_tensors:
+    for name, t in aligned_order(named_tensors):
         flat = t.detach().contiguous().view(-1).view(torch.uint8)
         metadata.append(meta_cls(name=name, shape=t.shape, dtype=t.dtype, start_idx=offset,
                                  end_idx=offset + flat.numel(), numel=flat.numel()))

@@ -1,7 +1,8 @@
 """Distributed (broadcast) and tensor weight sync into the embedded engine, for real, on CPU (gloo).
 
-One spawned process per layout runs the whole scenario (Megatron's global state and process
-start-up dominate on CPU); the tests assert on what it returns:
+Each layout runs its whole scenario once (process start-up and imports dominate on CPU): the
+1-rank one in this process, the 2-rank one in two spawned processes; the tests assert on what
+it returns:
 * 1 trainer rank: push -> every served weight is bit-identical to the exported HF tensors,
   generation changes, the version is tagged; per-tensor and flattened-bucket broadcasts;
   a bad name / shape is refused with a clear message and leaves the weights and the group
@@ -108,7 +109,14 @@ def _one_rank(rank, world):
 
 @pytest.fixture(scope="module")
 def one_rank():
-    return run_distributed(_one_rank, 1, timeout=240)[0]
+    # in this process (a spawn would cost more than the scenario); Megatron's state is torn down after
+    from megatron_vespo.train.parallel import destroy_parallel
+
+    created = not torch.distributed.is_initialized()
+    try:
+        yield _one_rank(0, 1)
+    finally:
+        destroy_parallel(destroy_process_group=created)
 
 
 def test_push_makes_engine_weights_bit_identical(one_rank):
