@@ -10,6 +10,7 @@ it returns:
 * 2 trainer ranks (TP2 x EP2) push into one engine; a failed connect raises on both ranks.
 """
 
+import os
 import time
 
 import httpx
@@ -113,10 +114,13 @@ def one_rank():
     from megatron_vespo.train.parallel import destroy_parallel
 
     created = not torch.distributed.is_initialized()
+    env = dict(os.environ)  # init_parallel sets RANK/WORLD_SIZE/MASTER_PORT, which subprocesses would inherit
     try:
         yield _one_rank(0, 1)
     finally:
         destroy_parallel(destroy_process_group=created)
+        os.environ.clear()
+        os.environ.update(env)
 
 
 def test_push_makes_engine_weights_bit_identical(one_rank):

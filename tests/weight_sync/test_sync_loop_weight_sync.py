@@ -25,13 +25,15 @@ pytestmark = pytest.mark.e2e
 
 def test_distributed_weight_sync_run_matches_disk_run(tmp_path):
     procs = {}
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # each run is its own job
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "OMP_NUM_THREADS": "1"}
     for kind in KINDS:
         cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", str(TINY), "--set",
                f"loop.output_dir={tmp_path / kind}", "--set", "loop.num_rollouts=2", "--set",
                f"loop.weight_sync={kind}", "--set", "weight_sync.bucket_mb=0.25"]
         log = open(tmp_path / f"{kind}.log", "w")  # a file, not a pipe: nobody reads while they run
         procs[kind] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                        env={**os.environ, "OMP_NUM_THREADS": "1"}), log)
+                                        env=env), log)
     for kind, (proc, log) in procs.items():
         proc.wait(timeout=600)
         log.close()
