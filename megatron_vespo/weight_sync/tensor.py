@@ -10,8 +10,8 @@ rebuilds ``flat[start:end].view(dtype).reshape(shape)``. SGLang's allowlist unpi
 its own ``FlattenedTensorMetadata`` and ``types.SimpleNamespace``; we use the former when
 sglang is importable (colocated jobs usually have it) and the latter otherwise. A CUDA tensor
 pickles as an IPC handle: the engine maps the trainer's memory, so the trainer keeps the bucket
-alive until the engine has answered. A CPU tensor pickles as a shared-memory file descriptor,
-which is how the embedded engine exercises this path on CPU.
+alive until the engine has answered. A CPU tensor pickles as a named shared-memory file
+(``/dev/shm``), which is how the embedded engine exercises this path on CPU.
 
 Layout: colocated engine ``e`` with TP size T runs on the GPUs of training ranks ``e*T ..
 e*T+T-1``; each training rank serializes its own copy of the bucket and rank 0 (the only rank
@@ -105,7 +105,15 @@ def serialize(obj: Any) -> str:
     except Exception:  # noqa: BLE001 - plain torch reductions (device index) otherwise
         pass
     buf = io.BytesIO()
-    ForkingPickler(buf).dump(obj)
+    # CPU tensors: share by /dev/shm file name, not by file descriptor -- passing a descriptor goes
+    # through multiprocessing's resource sharer, which only answers processes holding our authkey
+    # (our children), not an engine started separately. CUDA tensors are IPC handles either way.
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        ForkingPickler(buf).dump(obj)
+    finally:
+        torch.multiprocessing.set_sharing_strategy(strategy)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
