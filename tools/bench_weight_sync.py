@@ -74,6 +74,7 @@ def bench_size(size: str, repeats: int, bucket_mb: float, threads: int) -> dict:
              "tensor": TensorWeightSync(hf_cfg, cfg)}
     disk = DiskWeightSync(tmp / "weights", hf_cfg)
     times: dict[str, list[float]] = {p: [] for p in PATHS}
+    split: dict[str, list[tuple[float, float]]] = {"distributed": [], "flat": []}
     logprobs: dict[str, list[float]] = {}
     version = 0
     try:
@@ -88,7 +89,9 @@ def bench_size(size: str, repeats: int, bucket_mb: float, threads: int) -> dict:
                 if path == "disk":
                     disk.push(model, version, load=client.update_weights_from_disk, run=run)
                 else:
-                    syncs[path].push(model, version, clients=[client], run=run)
+                    m = syncs[path].push(model, version, clients=[client], run=run)
+                    if r and path != "tensor":
+                        split[path].append((m["weight_sync/export_s"], m["weight_sync/send_s"]))
                 if r:
                     times[path].append(time.perf_counter() - t0)
                 if r == repeats:
@@ -107,6 +110,7 @@ def bench_size(size: str, repeats: int, bucket_mb: float, threads: int) -> dict:
     med = {p: statistics.median(t) for p, t in times.items()}
     return {"size": size, "params": nparams, "mbytes": nparams * 4 / 2**20, "median_s": med,
             "speedup_vs_disk": {p: med["disk"] / med[p] for p in PATHS}, "connect_s": connect,
+            "export_send_s": {k: [statistics.median(x) for x in zip(*v)] for k, v in split.items()},
             "same_logprobs": all(logprobs[p] == logprobs["disk"] for p in PATHS)}
 
 
@@ -127,6 +131,9 @@ def main() -> None:
         print(f"{r['size']:8} {r['params']:>10,} {r['mbytes']:7.1f} {cells}  {r['same_logprobs']}")
     print("(median seconds per sync; (Nx) = disk time / path time; connect once: "
           + ", ".join(f"{r['size']} {r['connect_s']['distributed']:.2f}s" for r in results) + ")")
+    for r in results:
+        print(f"{r['size']}: export / send+load seconds: "
+              + ", ".join(f"{k} {e:.3f} / {s:.3f}" for k, (e, s) in r["export_send_s"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

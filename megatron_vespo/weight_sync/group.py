@@ -74,12 +74,19 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def master_address_for(urls: Sequence[str]) -> str:
     """Address the engines can reach training rank 0 at: loopback when every engine is local,
-    else this host's resolved address (set ``weight_sync.master_address`` when that is wrong,
-    e.g. on multi-homed nodes)."""
-    hosts = {urlparse(u).hostname or "" for u in urls}
-    if hosts <= _LOOPBACK or all(h.startswith("127.") for h in hosts):
+    else the local address of the interface that routes to the first engine (set
+    ``weight_sync.master_address`` when that is not the one the engines should use)."""
+    hosts = [urlparse(u).hostname or "" for u in urls]
+    if all(h in _LOOPBACK or h.startswith("127.") for h in hosts):
         return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+    remote = next(h for h in hosts if h not in _LOOPBACK and not h.startswith("127."))
+    try:
+        # connect() on a UDP socket only picks the route; no packet is sent
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(remote), 9))
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
 
 
 class TrainerGroup:
