@@ -62,13 +62,19 @@ def default_backend() -> str:
 def _init_process_group(backend: str, timeout_minutes: int) -> None:
     if torch.distributed.is_initialized():
         return
+    timeout = timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
+        # A 1-process group on a free local port, passed explicitly: writing RANK/WORLD_SIZE/
+        # MASTER_PORT into os.environ would leak into every subprocess this process starts
+        # (a later `torchrun` or `megatron-vespo train` child would reuse the port and fail).
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        torch.distributed.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                             rank=0, world_size=1, timeout=timeout)
+        return
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])) % torch.cuda.device_count())
-    torch.distributed.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    torch.distributed.init_process_group(backend=backend, timeout=timeout)
 
 
 def init_parallel(parallel: ParallelConfig, seed: int = 1234, *, backend: Optional[str] = None,

@@ -32,7 +32,10 @@ def fake_slurm(tmp_path):
     for name, body in (("srun", SRUN), ("scontrol", SCONTROL)):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+    knobs = ("MASTER_PORT", "CONFIG", "HF_MODEL", "ROLLOUT_NODES", "ENGINES_PER_NODE", "ROLLOUT_TP", "EXTRA_ARGS",
+             "OUTPUT_DIR", "GPUS_PER_NODE", "SGLANG_PORT", "TP", "EP", "PP", "NPROC", "OUT", "VERIFY")
+    env = {k: v for k, v in os.environ.items() if k not in knobs}
+    env = {**env, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "FAKE_LOG": str(tmp_path / "srun.log"), "SLURM_JOB_NODELIST": "node[1-3]", "SLURM_JOB_ID": "42"}
     return env, tmp_path
 
