@@ -26,7 +26,7 @@ ROUTINGS = ("disabled", "R2", "R3")
 def reference():
     from actor_cases import layout_runs
 
-    cases = [({}, r, "tiny") for r in ROUTINGS] + [({}, r, "tiny-4l") for r in ("disabled", "R2")]
+    cases = [({}, r, "tiny") for r in ROUTINGS] + [({}, r, "tiny-4l") for r in ROUTINGS]
     return run_distributed(layout_runs, 1, cases, timeout=400)[0]
 
 
@@ -70,10 +70,11 @@ def test_ep2_alltoall_matches_one_process(reference):
 
 
 def test_ep2_allgather_tp2_ep2_and_pp2_match_one_process(reference):
+    """PP2 with R3 checks the rollout routes are sliced to each pipeline stage's layers."""
     from actor_cases import layout_runs
 
     cases = [(EP2_AG, "disabled", "tiny"), (TP2_EP2, "R3", "tiny"), (PP2, "disabled", "tiny-4l"),
-             (PP2, "R2", "tiny-4l")]
+             (PP2, "R2", "tiny-4l"), (PP2, "R3", "tiny-4l")]
     runs = run_distributed(layout_runs, 2, cases, timeout=400)
     # layout_runs keys by preset/routing; each case has a distinct key
-    _compare(reference, runs, ["tiny/disabled", "tiny/R3", "tiny-4l/disabled", "tiny-4l/R2"])
+    _compare(reference, runs, ["tiny/disabled", "tiny/R3", "tiny-4l/disabled", "tiny-4l/R2", "tiny-4l/R3"])
