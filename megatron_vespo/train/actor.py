@@ -43,6 +43,7 @@ from megatron_vespo.train import batching
 from megatron_vespo.train.config import ParallelConfig, TrainConfig
 from megatron_vespo.train.forward import forward_log_probs, run_schedule
 from megatron_vespo.train.metrics import broadcast_from_last_stage, gather_rows, update_metrics
+from megatron_vespo.train.mismatch import log_prob_mismatch, routing_agreement, routing_agreement_counts
 from megatron_vespo.train.optim import build_optimizer, current_lr
 from megatron_vespo.train.parallel import init_parallel
 from megatron_vespo.types import TrainBatch
@@ -201,6 +202,12 @@ class MegatronActor:
                                                    record=self.routing_cfg.mode == "R2")
             if self.routing_cfg.mode == "R2":
                 routes = recorded
+        diagnostics: dict[str, float] = {}
+        if tc.old_log_prob_source == "recompute" and batch.rollout_log_probs is not None:
+            diagnostics.update(log_prob_mismatch(old * batch.loss_mask, batch.rollout_log_probs.float(),
+                                                 batch.loss_mask))
+        if self.routing_cfg.mode == "R2" and batch.routed_experts is not None:
+            diagnostics.update(self._routing_drift(recorded, batch.routed_experts))
         if tc.old_log_prob_source == "rollout":
             old = batch.rollout_log_probs.float()
         old = old * batch.loss_mask  # only response positions carry a log-prob
@@ -219,10 +226,18 @@ class MegatronActor:
             rows = batching.mini_batch_rows(b, tc.mini_batch_size, k)
             metrics = self._update(batch, rows, old, mask, is_weights, routes)
             metrics.update(rollout_is_metrics)
+            metrics.update(diagnostics)
             metrics["time/old_log_prob_s"] = old_time
             metrics["update"] = float(k)
             results.append(metrics)
         return results
+
+    def _routing_drift(self, recorded: torch.Tensor, rollout_routes: torch.Tensor) -> dict[str, float]:
+        """Agreement of the trainer's own routing (R2 record) with the rollout engine's, summed over ranks."""
+        counts = routing_agreement_counts(recorded, rollout_routes.long()).to(self.info.device)
+        if torch.distributed.get_world_size() > 1:  # TP ranks count the same rows: ratios are unaffected
+            torch.distributed.all_reduce(counts)
+        return routing_agreement(counts.cpu(), self.hf_cfg.num_experts_per_tok)
 
     # ------------------------------------------------------------------ one optimizer update
     def _denominator(self, mask: torch.Tensor, group_index: Optional[torch.Tensor]) -> float:
