@@ -133,13 +133,7 @@ def validate_layout(hf_cfg: Any, parallel: ParallelConfig, world_size: Optional[
     if cp > 1 and not use_transformer_engine():
         raise ConfigError("parallel.context_parallel_size > 1 needs Transformer Engine attention (GPU only)")
     if world_size is not None:
-        if world_size % (tp * pp * cp):
-            raise ConfigError(f"world size {world_size} is not a multiple of tensor_model_parallel_size * "
-                              f"pipeline_model_parallel_size * context_parallel_size = {tp * pp * cp}")
-        if world_size % (etp * ep * pp):
-            raise ConfigError(f"world size {world_size} is not a multiple of expert_tensor_parallel_size * "
-                              f"expert_model_parallel_size * pipeline_model_parallel_size = {etp * ep * pp} "
-                              "(set parallel.expert_tensor_parallel_size=1 to combine TP and EP)")
+        parallel.check_world_size(world_size)
 
 
 def hf_config_to_transformer_config(hf_cfg: Any, parallel: ParallelConfig, **overrides: Any) -> Any:

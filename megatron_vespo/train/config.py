@@ -25,6 +25,20 @@ class ParallelConfig(Section):
     moe_token_dispatcher_type: Literal["allgather", "alltoall", "flex"] = "alltoall"
     use_distributed_optimizer: bool = True
 
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ConfigError naming the fields when ``world_size`` ranks cannot hold this layout."""
+        from megatron_vespo.config.base import ConfigError
+
+        tp, pp, ep = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size
+        etp, cp = self.expert_tensor_parallel_size or tp, self.context_parallel_size
+        if world_size % (tp * pp * cp):
+            raise ConfigError(f"world size {world_size} is not a multiple of parallel.tensor_model_parallel_size * "
+                              f"pipeline_model_parallel_size * context_parallel_size = {tp * pp * cp}")
+        if world_size % (etp * ep * pp):
+            raise ConfigError(f"world size {world_size} is not a multiple of parallel.expert_tensor_parallel_size * "
+                              f"expert_model_parallel_size * pipeline_model_parallel_size = {etp * ep * pp} "
+                              "(set parallel.expert_tensor_parallel_size=1 to combine TP and EP)")
+
     @model_validator(mode="after")
     def _sp_with_tp(self) -> "ParallelConfig":
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:

@@ -93,18 +93,11 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, *, backend: Option
     if backend == "gloo":
         apply_cpu_compat()
     _init_process_group(backend, timeout_minutes)
-    world = torch.distributed.get_world_size()
+    parallel.check_world_size(torch.distributed.get_world_size())
     tp, pp, ep = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                   parallel.expert_model_parallel_size)
     etp = parallel.expert_tensor_parallel_size or tp
     cp = parallel.context_parallel_size
-    if world % (tp * pp * cp):
-        raise ConfigError(f"world size {world} is not a multiple of parallel.tensor_model_parallel_size * "
-                          f"pipeline_model_parallel_size * context_parallel_size = {tp * pp * cp}")
-    if world % (etp * ep * pp):
-        raise ConfigError(f"world size {world} is not a multiple of parallel.expert_tensor_parallel_size * "
-                          f"expert_model_parallel_size * pipeline_model_parallel_size = {etp * ep * pp} "
-                          "(set parallel.expert_tensor_parallel_size=1 to combine TP and EP)")
     if parallel_state.model_parallel_is_initialized():
         same = (parallel_state.get_tensor_model_parallel_world_size() == tp
                 and parallel_state.get_pipeline_model_parallel_world_size() == pp

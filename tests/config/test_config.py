@@ -103,3 +103,15 @@ def test_cli_config_command(capsys):
     assert main(["config", "--set", "train.lr=4e-6"]) == 0
     assert "lr: 4.0e-06" in capsys.readouterr().out
     assert main(["config", "--set", "routing.mode=R9"]) == 2
+
+
+def test_parallel_world_size_check_names_the_fields():
+    from megatron_vespo.train.config import ParallelConfig
+
+    ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
+                   expert_tensor_parallel_size=1).check_world_size(2)
+    with pytest.raises(ConfigError, match="tensor_model_parallel_size"):
+        ParallelConfig(tensor_model_parallel_size=4, sequence_parallel=True).check_world_size(2)
+    with pytest.raises(ConfigError, match="expert_tensor_parallel_size=1"):
+        ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
+                       expert_model_parallel_size=2).check_world_size(2)
