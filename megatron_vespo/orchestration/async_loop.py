@@ -74,6 +74,14 @@ def sample_metrics(samples: list[Sample]) -> dict[str, float]:
                                             for s in samples) / len(samples)}
 
 
+def overlap_metrics(before: dict, after: dict) -> dict[str, float]:
+    """From two worker ``stats`` snapshots bracketing a training step: how much generation overlapped it."""
+    busy = after["busy_s"] - before["busy_s"]
+    return {"async/gen_busy_during_train_s": busy,
+            "async/overlap_frac": busy / max(after["clock_s"] - before["clock_s"], 1e-9),
+            "async/samples_generated_during_train": after["samples"] - before["samples"]}
+
+
 def pull_groups(ray: Any, worker: Any, n_groups: int, version: int) -> tuple[list[list[Sample]], dict]:
     """Rank 0: wait for ``n_groups`` usable groups from the worker; metrics include ``time/wait_s``."""
     t0 = last_log = time.perf_counter()
@@ -181,16 +189,22 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             t1 = time.perf_counter()
             updates = s.actor.train_on_rollout(batch)
             t2 = time.perf_counter()
+            # rank-0-only Ray calls: a failure is broadcast, so no rank waits alone in a collective
+            late_error, data_state = None, {}
             if rank0:
-                after = ray.get(worker.stats.remote())
-                busy = after["busy_s"] - before["busy_s"]  # both snapshots bracket the training step
-                rm.update({"async/gen_busy_during_train_s": busy,
-                           "async/overlap_frac": busy / max(after["clock_s"] - before["clock_s"], 1e-9),
-                           "async/samples_generated_during_train": after["samples"] - before["samples"]})
+                try:
+                    rm.update(overlap_metrics(before, ray.get(worker.stats.remote())))
+                except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                    late_error = f"{type(exc).__name__}: {exc}"
             version += 1
             sm = update_engines(s, engines, version, job.loop.pause_mode)
-            if rank0:
-                ray.get(worker.set_version.remote(version))
+            if rank0 and late_error is None:
+                try:
+                    ray.get(worker.set_version.remote(version))
+                    data_state = ray.get(worker.state_dict.remote())
+                except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                    late_error = f"{type(exc).__name__}: {exc}"
+            _, data_state = broadcast_from_rank0(None, data_state, late_error)
             for k, m in enumerate(updates):
                 mlog.log(m, step=(it - 1) * job.train.staleness + k + 1)
             summary = {"rollout": float(it), "policy_version": float(version), **rm, **sm,
@@ -205,7 +219,6 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                             it, job.loop.num_rollouts, summary["rollout/reward_mean"], summary["async/lag_mean"],
                             summary["async/lag_max"], summary["time/wait_s"], t2 - t1,
                             100 * summary["async/overlap_frac"])
-            data_state = ray.get(worker.state_dict.remote()) if rank0 else {}
             s.save(it, version, data_state)
     finally:
         if mlog is not None:

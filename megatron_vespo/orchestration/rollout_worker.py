@@ -237,8 +237,7 @@ class RolloutWorker:
         return c
 
     async def stats(self) -> dict[str, float]:
-        """``stats_now`` as a coroutine (remote call)."""
-        self._check()
+        """``stats_now`` as a coroutine (remote call); never raises (errors surface in ``take``)."""
         return self.stats_now()
 
     async def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from megatron_vespo.orchestration.async_buffer import (
     lag_metrics,
     policy_lag,
 )
-from megatron_vespo.orchestration.async_loop import _PausedDiskLoad, async_bounds
+from megatron_vespo.orchestration.async_loop import _PausedDiskLoad, async_bounds, overlap_metrics
 from megatron_vespo.orchestration.rollout_worker import RolloutWorker, RolloutWorkerError
 from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.rollout.protocol import response_to_sample
@@ -106,6 +106,13 @@ def test_async_bounds_defaults_and_errors():
         async_bounds(job)
 
 
+def test_overlap_is_busy_time_over_the_bracketed_interval():
+    m = overlap_metrics({"busy_s": 10.0, "clock_s": 100.0, "samples": 40},
+                        {"busy_s": 10.5, "clock_s": 102.0, "samples": 48})
+    assert m == {"async/gen_busy_during_train_s": 0.5, "async/overlap_frac": 0.25,
+                 "async/samples_generated_during_train": 8}
+
+
 # ---------------------------------------------------------------- worker with a fake engine
 class FakeRouter:
     """Engine stand-in: version at the first token, optional hold, abort, flag and failure per prompt."""
@@ -162,6 +169,8 @@ def test_worker_fills_the_buffer_to_its_bound_and_waits():
         await w.set_version(1)
         await _settle()
         assert w.counters["groups"] == 6
+        stats = await w.stats()
+        assert stats["buffered"] == 4 and stats["inflight"] == 0 and stats["samples"] == 6 * N
         await w.stop()
     asyncio.run(go())
 
