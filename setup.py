@@ -11,7 +11,7 @@ CPU_EXTRAS = [
     "fastapi>=0.110",
     "uvicorn>=0.29",
     "httpx>=0.27",
-    "ray[default]>=2.40",
+    "ray>=2.40",
     "wandb>=0.17",
     "math-verify>=0.7",
     "tqdm>=4.66",
@@ -25,7 +25,7 @@ EXTRAS = {
     # Rollout side: the SGLang engine (GPU) and our HTTP client / embedded server deps.
     "sglang": ["sglang[all]>=0.5.4", "httpx>=0.27", "pybase64"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "transformers>=4.57", "pybase64"],
-    "ray": ["ray[default]>=2.40"],
+    "ray": ["ray>=2.40"],
     "fp8": ["transformer-engine[pytorch]>=2.4"],
     "apex": ["apex"],
     "wandb": ["wandb>=0.17"],

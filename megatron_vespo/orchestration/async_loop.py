@@ -160,9 +160,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
     history: list[dict[str, float]] = []
     try:
         engines = s.start_engines(embedded_mode="process")
-        if rank0:
-            # engines start tagged "default"; the lag arithmetic needs the trainer's version
-            engines.run(engines.router.broadcast(lambda c: c.update_weight_version(version)))
+        if rank0:  # the engines already carry the trainer's version (start_engines)
             if not ray.is_initialized():
                 init_ray(ray, job.loop.ray_address, job.loop.ray_num_cpus)
                 ray_started = True

@@ -83,6 +83,8 @@ def collect_rollout(router: EngineRouter, run: Callable, dataset: PromptDataset,
         "rollout/samples_generated": float(generated),
         "rollout/samples_dropped": float(dropped),
         "rollout/truncated_frac": sum(s.status.value == "truncated" for s in kept) / len(kept),
+        "rollout/sample_version_min": float(min(s.policy_version for s in kept)),
+        "rollout/sample_version_max": float(max(s.policy_version for s in kept)),
         "time/rollout_s": elapsed,
         "rollout/tokens_per_s": resp_tokens / max(elapsed, 1e-9),
     }

@@ -74,13 +74,21 @@ class LoopSetup:
         return dict((self.state or {}).get("data") or {})
 
     def start_engines(self, embedded_mode: Optional[str] = None) -> Any:
-        """Rank 0: start (or attach to) the rollout engines on ``serve_path``; None on other ranks."""
+        """Rank 0: start (or attach to) the rollout engines on ``serve_path``, tagged with the current version.
+
+        None on other ranks.
+        """
         if not self.rank0:
             return None
         from megatron_vespo.orchestration.engines import RolloutEngines
 
-        return RolloutEngines(self.job.rollout, self.serve_path, log_dir=str(self.out / "rollout_logs"),
-                              embedded_mode=embedded_mode).start()
+        engines = RolloutEngines(self.job.rollout, self.serve_path, log_dir=str(self.out / "rollout_logs"),
+                                 embedded_mode=embedded_mode).start()
+        # engines start tagged "default": tag them with the trainer's version (a resumed run's too),
+        # so samples carry the right policy version and lag arithmetic holds
+        version = self.version
+        engines.run(engines.router.broadcast(lambda c: c.update_weight_version(version)))
+        return engines
 
     def metrics_logger(self) -> Any:
         """``metrics.jsonl`` (+ wandb) writer, enabled on rank 0."""
