@@ -173,7 +173,9 @@ def _full_shape(rule: ParamRule, dims: Qwen3MoeDims) -> tuple:
 
 
 def _gather_tp(lp: LocalParam, layout: ShardLayout, vocab_size: int) -> torch.Tensor:
-    t = lp.param.detach()
+    from megatron_vespo.fp8.te import to_high_precision
+
+    t = to_high_precision(lp.param.detach())  # FP8 parameters (fp8.fp8_param_gather) -> their bf16 values
     if lp.rule.tp_dim is None or lp.tp_size == 1:
         return tp_unshard(lp.rule, [t], vocab_size)
     group = layout.groups["etp" if lp.rule.expert is not None else "tp"]

@@ -1,17 +1,90 @@
-"""Config of FP8 training through Transformer Engine (owned by ``fp8/``; GPU only)."""
+"""Config of FP8 training through Transformer Engine (owned by ``fp8/``; GPU only).
+
+Field names are Megatron's: the ``TransformerConfig`` FP8 fields (``fp8`` is Megatron-LM's
+``--fp8-format``) plus ``fp8_param_gather`` (Megatron-LM ``--fp8-param-gather``; it sets
+``TransformerConfig.fp8_param`` and ``DistributedDataParallelConfig.fp8_param_gather``) and
+``reuse_grad_buf_for_mxfp8_param_ag`` (DDP and optimizer config). ``fp8: null`` turns FP8 off
+and every other field is then ignored, except the two that only make sense with FP8 on, which
+are errors rather than silently dropped.
+
+Rules Megatron-Core 0.16.1 / Transformer Engine enforce, repeated here so a YAML fails at load
+time with the key to change instead of deep inside model construction:
+
+* ``first_last_layers_bf16`` cannot be used with the ``delayed`` recipe
+  (``transformer_config.py:990``: per-layer FP8 contexts break delayed scaling's amax reduction);
+* ``reuse_grad_buf_for_mxfp8_param_ag`` needs ``fp8_recipe: mxfp8`` and ``fp8_param_gather``
+  (``distributed_data_parallel_config.py:153``);
+* ``fp8_param_gather`` needs ``fp8`` set (``transformer_config.py:1027``).
+
+Hardware and library checks (GPU generation, Transformer Engine version) need the machine; see
+``fp8/env.py``. Cross-section rules (distributed optimizer, parameter dtype, layers per
+pipeline stage) are in ``fp8.te.check_fp8_job``.
+"""
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
+from pydantic import Field, model_validator
+
 from megatron_vespo.config.base import Section
+
+#: recipes this config accepts (Megatron also has 'custom', which needs a quantizer factory)
+RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
 class FP8Config(Section):
-    """Megatron-Core FP8 settings (names as ``TransformerConfig``): ``fp8`` None disables FP8."""
+    """Megatron-Core FP8 settings (``TransformerConfig`` names); ``fp8: null`` disables FP8.
+
+    Recipes (``fp8_recipe``):
+
+    * ``delayed``: per-tensor scales from an amax history (``fp8_amax_history_len``,
+      ``fp8_amax_compute_algo``, ``fp8_margin``); Ada/Hopper (sm89+). Megatron's default.
+    * ``tensorwise``: per-tensor scales from the current tensor (current scaling); sm89+.
+    * ``blockwise``: 1x128 / 128x128 block scales (DeepSeek-V3 style, what SGLang's FP8
+      block-quantised checkpoints use); Hopper sm90+ with CUDA >= 12.9; on Blackwell TE
+      >= 2.9 emulates it with MXFP8 (power-of-two scales).
+    * ``mxfp8``: 32-element blocks with E8M0 scales; Blackwell only (sm100, sm103).
+
+    The amax fields only affect ``delayed``. ``fp8_wgrad: false`` keeps weight-gradient GEMMs
+    in BF16. ``first_last_layers_bf16`` keeps the first ``num_layers_at_start_in_bf16`` and last
+    ``num_layers_at_end_in_bf16`` transformer layers in BF16 (embedding, output layer and MoE
+    routers never run in FP8 in Megatron: they are not Transformer Engine GEMMs).
+    """
 
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
-    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
-    fp8_margin: int = 0
-    fp8_amax_history_len: int = 1024
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    fp8_margin: int = Field(0, ge=0)
+    fp8_amax_history_len: int = Field(1024, ge=1)
     fp8_amax_compute_algo: Literal["most_recent", "max"] = "max"
+    fp8_wgrad: bool = True
+    fp8_param_gather: bool = False
+    reuse_grad_buf_for_mxfp8_param_ag: bool = False
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = Field(1, ge=0)
+    num_layers_at_end_in_bf16: int = Field(1, ge=0)
+
+    @property
+    def enabled(self) -> bool:
+        """True when FP8 training is on (``fp8`` is set)."""
+        return self.fp8 is not None
+
+    @model_validator(mode="after")
+    def _megatron_rules(self) -> "FP8Config":
+        if not self.enabled:
+            if self.fp8_param_gather:
+                raise ValueError("fp8.fp8_param_gather=true needs fp8.fp8 set (e4m3 or hybrid); Megatron keeps FP8 "
+                                 "parameters only in FP8 mode")
+            if self.reuse_grad_buf_for_mxfp8_param_ag:
+                raise ValueError("fp8.reuse_grad_buf_for_mxfp8_param_ag=true needs fp8.fp8 set with "
+                                 "fp8.fp8_recipe=mxfp8 and fp8.fp8_param_gather=true")
+            return self
+        if self.first_last_layers_bf16 and self.fp8_recipe == "delayed":
+            raise ValueError("fp8.first_last_layers_bf16=true does not work with fp8.fp8_recipe=delayed (Megatron: "
+                             "per-layer FP8 contexts break delayed scaling's amax reduction); use tensorwise, "
+                             "blockwise or mxfp8")
+        if self.reuse_grad_buf_for_mxfp8_param_ag and not (self.fp8_recipe == "mxfp8" and self.fp8_param_gather):
+            raise ValueError("fp8.reuse_grad_buf_for_mxfp8_param_ag=true needs fp8.fp8_recipe=mxfp8 and "
+                             f"fp8.fp8_param_gather=true (got fp8_recipe={self.fp8_recipe}, "
+                             f"fp8_param_gather={self.fp8_param_gather})")
+        return self

@@ -32,10 +32,11 @@ import torch
 
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.fp8.config import FP8Config
+from megatron_vespo.fp8.te import check_fp8_job, fp8_alignment, fp8_overrides, fp8_summary
 from megatron_vespo.losses import compute_policy_loss, compute_rollout_is_weights, get_loss, loss_denominator
 from megatron_vespo.losses.config import LossConfig
 from megatron_vespo.models.config import ModelConfig
-from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config, moe_layer_pattern, use_transformer_engine
+from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config, moe_layer_pattern
 from megatron_vespo.routing.config import RoutingReplayConfig
 from megatron_vespo.routing.replay import RoutingReplay
 from megatron_vespo.routing.routes import validate_batch_routes
@@ -49,15 +50,6 @@ from megatron_vespo.train.parallel import init_parallel
 from megatron_vespo.types import TrainBatch
 
 logger = logging.getLogger(__name__)
-
-
-def fp8_overrides(fp8: Optional[FP8Config]) -> dict[str, Any]:
-    """``TransformerConfig`` fields for FP8 (same names as ``FP8Config``); {} when FP8 is off."""
-    if fp8 is None or fp8.fp8 is None:
-        return {}
-    if not use_transformer_engine():
-        raise ConfigError(f"fp8.fp8={fp8.fp8!r} needs Transformer Engine on a CUDA GPU; set fp8.fp8: null on CPU")
-    return fp8.model_dump()
 
 
 class MegatronActor:
@@ -93,6 +85,7 @@ class MegatronActor:
         replay = self.routing_cfg.mode != "disabled"
         if replay and not any(self.moe_pattern):
             raise ConfigError(f"routing.mode={self.routing_cfg.mode} but the model has no MoE layer")
+        check_fp8_job(fp8, model_cfg, parallel, self.hf_cfg)  # before the machine check: config errors first
         overrides = {**fp8_overrides(fp8), **model_cfg.transformer_overrides}
         chunk = build_gpt_model(self.hf_cfg, parallel, params_dtype=model_cfg.params_dtype, routing_replay=replay,
                                 **overrides)
@@ -103,7 +96,7 @@ class MegatronActor:
                                                                                    0.02)))
         elif init != "megatron":
             raise ValueError(f"init must be 'megatron' or 'layout_invariant', got {init!r}")
-        self.bundle = build_optimizer([chunk], train, parallel, self.info.dp_size)
+        self.bundle = build_optimizer([chunk], train, parallel, self.info.dp_size, fp8=fp8)
         self.model = self.bundle.model
         self.optimizer, self.scheduler = self.bundle.optimizer, self.bundle.scheduler
         self.routing = None
@@ -116,7 +109,12 @@ class MegatronActor:
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
-        self.seq_multiple = self.info.tp_size if parallel.sequence_parallel else 1
+        # sequence parallel splits the sequence over TP ranks; FP8 GEMMs need token counts that are
+        # multiples of 16 (32 for MXFP8) on every rank
+        self.seq_multiple = (self.info.tp_size if parallel.sequence_parallel else 1) * fp8_alignment(fp8)
+        self.fp8_info = fp8_summary(chunk.config, self.model)  # what FP8 the run uses (log / run record)
+        if self.fp8_info["fp8/enabled"]:
+            logger.info("FP8: %s", self.fp8_info)
         self.updates = 0
 
     # ------------------------------------------------------------------ helpers

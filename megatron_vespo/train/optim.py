@@ -32,19 +32,28 @@ class OptimizerBundle:
 
 
 def build_optimizer(model_chunks: list[torch.nn.Module], train: TrainConfig, parallel: ParallelConfig,
-                    dp_size: int) -> OptimizerBundle:
-    """Wrap ``model_chunks`` in Megatron DDP and build optimizer + LR scheduler."""
+                    dp_size: int, fp8: Any = None) -> OptimizerBundle:
+    """Wrap ``model_chunks`` in Megatron DDP and build optimizer + LR scheduler.
+
+    ``fp8`` (an ``FP8Config``) adds the FP8 DDP / optimizer fields (``fp8/te.py``); FP8
+    parameters (``fp8.fp8_param_gather``) need the distributed optimizer even at DP 1, since
+    only it re-quantises them from the FP32 main weights.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from megatron_vespo.fp8.te import fp8_ddp_kwargs, fp8_optimizer_kwargs
+
     tf_config = model_chunks[0].config
-    use_dist_opt = bool(parallel.use_distributed_optimizer and dp_size > 1)
+    fp8_params = bool(fp8_ddp_kwargs(fp8).get("fp8_param_gather"))
+    use_dist_opt = bool(parallel.use_distributed_optimizer and (dp_size > 1 or fp8_params))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,  # overlap needs CUDA streams; the gain on small steps is nil
         use_distributed_optimizer=use_dist_opt,
         check_for_nan_in_grad=True,
+        **fp8_ddp_kwargs(fp8),
     )
     wrapped = [DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=m,
                                        disable_bucketing=(i > 0)) for i, m in enumerate(model_chunks)]
@@ -63,6 +72,7 @@ def build_optimizer(model_chunks: list[torch.nn.Module], train: TrainConfig, par
         bf16=tf_config.bf16,
         fp16=tf_config.fp16,
         params_dtype=tf_config.params_dtype,
+        **fp8_optimizer_kwargs(fp8),
     )
     optimizer = get_megatron_optimizer(opt_config, wrapped)
     tf_config.finalize_model_grads_func = finalize_model_grads
