@@ -35,3 +35,12 @@ def test_require_names_the_extra(monkeypatch):
         require("sglang", "the SGLang rollout engine")
     assert not is_available("sglang")
     assert require("torch").__name__ == "torch"
+
+
+def test_test_module_basenames_are_unique():
+    """pytest imports test modules by basename (rootdir mode): two `test_gpu.py` break collection."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(p.name for p in (Path(__file__).parent).rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1], names
