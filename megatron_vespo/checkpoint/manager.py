@@ -55,7 +55,6 @@ class Checkpointer:
 
     def resume(self, model: Any, optimizer: Any = None, scheduler: Any = None) -> Optional[dict]:
         """Load ``checkpoint.load`` (or an existing ``save_dir``); returns the saved trainer state or None."""
-        from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint
         from megatron_vespo.checkpoint.trainer_ckpt import load_trainer_checkpoint
 
         path = self.cfg.load
@@ -65,15 +64,31 @@ class Checkpointer:
         if path is None:
             return None
         kind = classify_checkpoint(path)
-        if kind == "hf":
+        if kind != "training":
+            self.load_weights(model, path, optimizer)
+            return None
+        state = load_trainer_checkpoint(path, model=model, optimizer=optimizer if self.cfg.load_optimizer else None,
+                                        scheduler=scheduler if self.cfg.load_optimizer else None,
+                                        load_rng=self.cfg.load_rng)
+        if optimizer is not None and not self.cfg.load_optimizer:
+            optimizer.reload_model_params()  # fresh optimizer: its main params must be the loaded weights
+        return state
+
+    def load_weights(self, model: Any, path: str, optimizer: Any = None) -> None:
+        """Load weights only (an HF directory or a converted model checkpoint) into a built model.
+
+        The optimizer, if given, already holds main (fp32) copies of the *initial* weights for
+        bf16/fp8 models and with the distributed optimizer; they are refreshed from the loaded
+        weights, else the first step would write the random init back.
+        """
+        from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint
+
+        if classify_checkpoint(path) == "hf":
             self._load_hf(model, path)
-            return None
-        if kind == "model":
+        else:
             load_model_checkpoint(model, path)
-            return None
-        return load_trainer_checkpoint(path, model=model, optimizer=optimizer if self.cfg.load_optimizer else None,
-                                       scheduler=scheduler if self.cfg.load_optimizer else None,
-                                       load_rng=self.cfg.load_rng)
+        if optimizer is not None:
+            optimizer.reload_model_params()
 
     @staticmethod
     def _load_hf(model: Any, hf_dir: str) -> None:

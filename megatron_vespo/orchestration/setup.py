@@ -115,7 +115,7 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
 
     out = Path(job.loop.output_dir)
     actor = MegatronActor(job.model, job.parallel, job.train, job.loss, job.routing,
-                          temperature=job.rollout.sampling.temperature)
+                          temperature=job.rollout.sampling.temperature, fp8=job.fp8)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
     ckpt = Checkpointer(job.checkpoint, actor.hf_cfg, source_dir=job.model.hf_path)
     state = ckpt.resume(actor.model, actor.optimizer, actor.scheduler)
     if state is None and job.checkpoint.load is None and job.model.hf_path:
-        Checkpointer._load_hf(actor.model, job.model.hf_path)  # fresh start from the HF base model
+        ckpt.load_weights(actor.model, job.model.hf_path, actor.optimizer)  # fresh start from the HF base model
     start = int(state["iteration"]) if state else 0
     version = int((state or {}).get("policy_version", start))
     tok = load_tokenizer(job.model.hf_path)
