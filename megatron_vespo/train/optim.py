@@ -52,7 +52,9 @@ def build_optimizer(model_chunks: list[torch.nn.Module], train: TrainConfig, par
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,  # overlap needs CUDA streams; the gain on small steps is nil
         use_distributed_optimizer=use_dist_opt,
-        check_for_nan_in_grad=True,
+        # fp16: loss-scale overflows are expected and handled by the optimizer (found_inf ->
+        # skipped step, smaller scale); DDP's check would abort the run on the first one
+        check_for_nan_in_grad=not tf_config.fp16,
         **fp8_ddp_kwargs(fp8),
     )
     wrapped = [DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=m,
@@ -76,6 +78,10 @@ def build_optimizer(model_chunks: list[torch.nn.Module], train: TrainConfig, par
     )
     optimizer = get_megatron_optimizer(opt_config, wrapped)
     tf_config.finalize_model_grads_func = finalize_model_grads
+    # the schedule multiplies each micro-batch loss by this before backward (schedules.py
+    # backward_step); fp16's optimizer divides the gradients by the same loss scale in step(),
+    # so without it fp16 updates were 2**-32 too small. bf16/fp32: scale 1.
+    tf_config.grad_scale_func = optimizer.scale_loss
     tf_config.no_sync_func = [m.no_sync for m in wrapped]
     if len(wrapped) == 1:
         tf_config.no_sync_func = tf_config.no_sync_func[0]
