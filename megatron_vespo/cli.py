@@ -53,11 +53,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megatron_vespo.config.base import ConfigError
 
+    log = logging.getLogger("megatron_vespo")
     try:
         rc = args.func(args)
     except ConfigError as exc:
-        logging.getLogger("megatron_vespo").error("%s", exc)
+        log.error("%s", exc)
         return 2
+    except (ValueError, FileNotFoundError) as exc:
+        # bad input (a data file, a checkpoint directory, ...) raises these with a message naming the
+        # field or file: show that message, keep the traceback for --log-level DEBUG
+        log.debug("traceback", exc_info=True)
+        log.error("%s: %s (--log-level DEBUG shows the traceback)", type(exc).__name__, exc)
+        return 2
+    except KeyboardInterrupt:
+        # the loops close engines and files in their finally blocks; checkpoints are written atomically,
+        # so the latest one on disk is whole
+        log.error("interrupted")
+        return 130
     return int(rc or 0)
 
 
