@@ -59,8 +59,11 @@ def synthetic_prompts(num: int, vocab_size: int, prompt_len: int, seed: int = 0,
 
 
 def load_jsonl_prompts(path: str | Path, prompt_key: str, label_key: str,
-                       tokenize: Callable[[str], list[int]], max_prompt_len: int) -> list[Prompt]:
-    """Read prompts from a JSONL file; errors name the file, line and missing key."""
+                       tokenize: Callable[[str], list[int]] | None, max_prompt_len: int) -> list[Prompt]:
+    """Read prompts from a JSONL file; errors name the file, line and missing key.
+
+    A prompt is text (tokenized with ``tokenize``) or a list of token ids (no tokenizer needed).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.path: {path} does not exist")
@@ -76,9 +79,17 @@ def load_jsonl_prompts(path: str | Path, prompt_key: str, label_key: str,
             if prompt_key not in row:
                 raise ValueError(f"{path}:{lineno}: missing key '{prompt_key}' (data.prompt_key); "
                                  f"keys present: {sorted(row)}")
+            if label_key not in row:
+                # every reward compares against the label: a missing one would score 0 (or crash) mid-run
+                raise ValueError(f"{path}:{lineno}: missing key '{label_key}' (data.label_key); "
+                                 f"keys present: {sorted(row)}")
             text = row[prompt_key]
+            if isinstance(text, str) and tokenize is None:
+                raise ValueError(f"{path}:{lineno}: '{prompt_key}' is text but there is no tokenizer "
+                                 "(model.hf_path without tokenizer files): give token ids (a list) or a model "
+                                 "with a tokenizer")
             tokens = tokenize(text)[:max_prompt_len] if isinstance(text, str) else list(text)[:max_prompt_len]
-            prompts.append(Prompt(tokens=tokens, label=row.get(label_key), index=len(prompts),
+            prompts.append(Prompt(tokens=tokens, label=row[label_key], index=len(prompts),
                                   text=text if isinstance(text, str) else None))
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
@@ -99,15 +110,13 @@ class PromptDataset:
     @classmethod
     def from_config(cls, cfg: DataConfig, vocab_size: int,
                     tokenize: Callable[[str], list[int]] | None = None) -> "PromptDataset":
-        """Build from a ``DataConfig`` (synthetic needs only the vocab size; jsonl needs a tokenizer)."""
+        """Build from a ``DataConfig`` (synthetic needs only the vocab size; text JSONL prompts a tokenizer)."""
         if cfg.source == "synthetic":
             prompts = synthetic_prompts(cfg.num_prompts, vocab_size, min(cfg.max_prompt_len, 8), cfg.seed,
                                         num_targets=cfg.num_labels)
         else:
             if cfg.path is None:
                 raise ValueError("data.path must be set when data.source=jsonl")
-            if tokenize is None:
-                raise ValueError("data.source=jsonl needs a tokenizer (model.hf_path with tokenizer files)")
             prompts = load_jsonl_prompts(cfg.path, cfg.prompt_key, cfg.label_key, tokenize, cfg.max_prompt_len)
         return cls(prompts, cfg.seed)
 

@@ -38,10 +38,22 @@ def test_from_config_synthetic():
 
 def test_jsonl_loading_and_errors(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"prompt": "a b c", "label": "2"}) + "\n\n" + json.dumps({"prompt": [5, 6]}) + "\n")
+    p.write_text(json.dumps({"prompt": "a b c", "label": "2"}) + "\n\n" + json.dumps({"prompt": [5, 6], "label": 1})
+                 + "\n")
     prompts = load_jsonl_prompts(p, "prompt", "label", lambda s: [len(w) for w in s.split()], 2)
-    assert [q.tokens for q in prompts] == [[1, 1], [5, 6]] and prompts[0].label == "2" and prompts[1].label is None
+    assert [q.tokens for q in prompts] == [[1, 1], [5, 6]] and prompts[0].label == "2" and prompts[1].label == 1
     bad = tmp_path / "bad.jsonl"
+    # a row without the label key is an error naming file, line and key (every reward needs the label)
+    bad.write_text('{"prompt": [1, 2], "label": 3}\n{"prompt": [4], "answer": 5}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing key 'label' \(data.label_key\); keys present: "
+                                         r"\['answer', 'prompt'\]"):
+        load_jsonl_prompts(bad, "prompt", "label", str.split, 8)
+    # token-id prompts need no tokenizer; text prompts without one are refused with the line
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"prompt": [7, 8, 9], "label": 1}\n')
+    assert load_jsonl_prompts(ids, "prompt", "label", None, 2)[0].tokens == [7, 8]
+    with pytest.raises(ValueError, match=r"d.jsonl:1: 'prompt' is text but there is no tokenizer"):
+        load_jsonl_prompts(p, "prompt", "label", None, 8)
     bad.write_text('{"question": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing key 'prompt'"):
         load_jsonl_prompts(bad, "prompt", "label", str.split, 8)
