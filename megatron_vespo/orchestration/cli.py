@@ -31,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
         from megatron_vespo.orchestration.sync_loop import run_sync as run
 
     history = run(job)
-    if history:
+    if history and "rollout/reward_mean" in history[-1]:  # rank 0 only: other ranks hold no rollout metrics
         logger.info("done: %d rollouts, final reward %.3f; metrics in %s/metrics.jsonl", len(history),
                     history[-1].get("rollout/reward_mean", float("nan")), job.loop.output_dir)
     return 0
