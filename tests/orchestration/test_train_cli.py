@@ -1,0 +1,25 @@
+"""``megatron-vespo train``: the closing summary line comes from rank 0 only."""
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from megatron_vespo.cli import main
+
+TINY = str(Path(__file__).resolve().parents[2] / "examples/configs/tiny_cpu_vespo.yaml")
+
+
+@pytest.mark.parametrize("history, expected", [
+    ([{"loss": 0.1}], None),                                       # a non-zero rank: no rollout metrics
+    ([{"rollout/reward_mean": 0.25}, {"rollout/reward_mean": 0.75}], "final reward 0.750"),
+])
+def test_done_line_only_with_rollout_metrics(monkeypatch, caplog, history, expected):
+    import megatron_vespo.orchestration.sync_loop as sync_loop
+
+    monkeypatch.setattr(sync_loop, "run_sync", lambda job: history)
+    with caplog.at_level(logging.INFO, logger="megatron_vespo.orchestration.cli"):
+        assert main(["train", TINY]) == 0
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
+    assert done == ([] if expected is None else [done[0]]) and (expected is None or expected in done[0])
+    assert not any("nan" in m for m in done)
