@@ -223,9 +223,9 @@ class DistributedWeightSync:
         t0, connect_s, send_s, nbytes, nbuckets = time.perf_counter(), 0.0, 0.0, 0, 0
         error: Optional[str] = None
         if rank0:
-            if clients is None or run is None:
-                raise ValueError("DistributedWeightSync.push needs clients= and run= on rank 0")
-            try:
+            try:  # errors are shared, not raised here: the other ranks are about to enter collectives
+                if clients is None or run is None:
+                    raise ValueError("DistributedWeightSync.push needs clients= and run= on rank 0")
                 if self.group is None or list(clients) != self.clients:
                     connect_s = self.connect(clients, run)
             except Exception as exc:  # noqa: BLE001 - shared with every rank below

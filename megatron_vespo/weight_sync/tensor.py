@@ -164,11 +164,18 @@ class TensorWeightSync:
         from megatron_vespo.checkpoint.export import iter_hf_weights
 
         rank, world = _rank_world()
+        error = None
         if rank == 0 and (clients is None or run is None):
-            raise ValueError("TensorWeightSync.push needs clients= and run= on rank 0")
-        if world % self.tp or (rank == 0 and len(clients) != world // self.tp):
-            raise ValueError(f"colocated engines: {world} training ranks must equal engines x engine_tp_size "
-                             f"({len(clients or [])} x {self.tp})")
+            error = "TensorWeightSync.push needs clients= and run= on rank 0"
+        elif world % self.tp or (rank == 0 and len(clients) != world // self.tp):
+            error = (f"colocated engines: {world} training ranks must equal engines x engine_tp_size "
+                     f"({len(clients or [])} x {self.tp})")
+        if world > 1:  # rank 0 decides, every rank raises: the others would wait in the export's collectives
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise ValueError(error)
         t0, nbytes, nbuckets = time.perf_counter(), 0, 0
         buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.dtype)
         for bucket, last in with_last(buckets):  # the last bucket carries the version and the cache flush
@@ -185,7 +192,12 @@ class TensorWeightSync:
         if world > 1:
             payloads = [None] * world if rank == 0 else None
             torch.distributed.gather_object(mine, payloads, dst=0)
-        status = [self._post(clients, run, payloads, version, last) if rank == 0 else None]
+        status = [None]
+        if rank == 0:
+            try:
+                status = [self._post(clients, run, payloads, version, last)]
+            except Exception as exc:  # noqa: BLE001 - shared below so no rank is left in the broadcast
+                status = [f"{type(exc).__name__}: {exc}"]
         if world > 1:  # also keeps every rank's bucket alive until the engines have copied it
             torch.distributed.broadcast_object_list(status, src=0)
         if status[0] is not None:
