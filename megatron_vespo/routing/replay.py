@@ -65,6 +65,11 @@ def moe_routers(model_chunks: Sequence[torch.nn.Module], moe_pattern: Sequence[i
     return out
 
 
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (where checkpoints re-run forwards)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class RoutingReplay:
     """Record / replay MoE routing on one model (see module docstring)."""
 
@@ -203,7 +208,9 @@ class RoutingReplay:
             if self.phase != "replay":
                 return
             layer = self.routers[i][0]
-            recompute_backward = is_checkpointing() and torch.is_grad_enabled()
+            # Megatron's own checkpoint sets is_checkpointing(); Transformer Engine's te_checkpoint
+            # (used instead under FP8/FP4) does not, so also recognise a re-run by autograd running it
+            recompute_backward = torch.is_grad_enabled() and (is_checkpointing() or _in_backward())
             queue = self._bwd[i] if recompute_backward else self._fwd[i]
             if not queue:
                 raise RuntimeError(f"routing replay: router of MoE layer {layer} ran a "
@@ -211,8 +218,10 @@ class RoutingReplay:
             target = queue.pop(0)
             if recompute_backward:
                 self.recomputed += 1
-            if is_checkpointing() and not torch.is_grad_enabled() and router.training:
-                self._bwd[i].append(target)  # this forward will be re-run during backward
+            if not torch.is_grad_enabled() and router.training:
+                # a training-mode forward without autograd is the first pass of an activation
+                # checkpoint (Megatron's or TE's): it will be re-run during backward
+                self._bwd[i].append(target)
             hidden = args[0]
             tokens = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
             if target.shape != (tokens, self.topk):
