@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from megatron_vespo.observability.config import LoggingConfig
+from megatron_vespo.utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,16 @@ class MetricsLogger:
 
     Only rank 0 should construct one with ``enabled=True``; other ranks pass ``enabled=False``
     and every call becomes a no-op.
+
+    ``start_step`` tells what an existing file means: None appends to it; 0 (a fresh run) moves
+    it aside to ``metrics.<k>.jsonl`` so runs never mix; S > 0 (a run resumed at step S) keeps
+    its whole rows with ``step <= S`` and drops the rest (logged after the checkpoint, or a line
+    torn by a kill), so the resumed run continues the curve without duplicates.
     """
 
     def __init__(self, output_dir: str | os.PathLike, cfg: LoggingConfig | None = None,
-                 enabled: bool = True, config_dump: Mapping[str, Any] | None = None) -> None:
+                 enabled: bool = True, config_dump: Mapping[str, Any] | None = None,
+                 start_step: int | None = None) -> None:
         self.enabled = enabled
         self.cfg = cfg or LoggingConfig()
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -44,6 +51,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step is not None and self.path.exists():
+            self._reconcile(start_step)
         self._fh = self.path.open("a", buffering=1)
         if self.cfg.wandb and self.cfg.wandb_mode != "disabled":
             from megatron_vespo.utils.imports import require
@@ -52,6 +61,31 @@ class MetricsLogger:
             self._wandb_run = wandb.init(project=self.cfg.wandb_project, name=self.cfg.run_name,
                                          mode=self.cfg.wandb_mode, dir=str(self.path.parent),
                                          config=dict(config_dump or {}))
+
+    def _reconcile(self, start_step: int) -> None:
+        """Move a previous run's file aside (fresh start) or cut it back to ``start_step`` (resume)."""
+        if start_step == 0:
+            k = 1
+            while (aside := self.path.with_name(f"metrics.{k}.jsonl")).exists():
+                k += 1
+            self.path.rename(aside)
+            logger.warning("%s held an earlier run's metrics: moved to %s", self.path, aside.name)
+            return
+        kept, dropped = [], 0
+        with self.path.open() as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                elif line.strip():
+                    dropped += 1
+        if dropped:
+            with atomic_path(self.path) as out:
+                out.writelines(kept)
+            logger.info("%s: dropped %d row(s) logged after the resumed step %d", self.path, dropped, start_step)
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Record ``metrics`` at ``step``."""

@@ -94,8 +94,11 @@ class LoopSetup:
         """``metrics.jsonl`` (+ wandb) writer, enabled on rank 0."""
         from megatron_vespo.observability import MetricsLogger
 
+        # rows are stepped by optimizer update: a run resumed at iteration `start` continues after
+        # start * staleness (a fresh run, start 0, moves an earlier run's file aside)
         return MetricsLogger(self.out, self.job.logging, enabled=self.rank0,
-                             config_dump=self.job.model_dump(mode="json"))
+                             config_dump=self.job.model_dump(mode="json"),
+                             start_step=self.start * self.job.train.staleness)
 
     def save(self, iteration: int, version: int, data_state: dict) -> None:
         """Collective: checkpoint what is due at ``iteration`` (always the last one when ``save_dir`` is set)."""
