@@ -25,6 +25,7 @@ Megatron's local layers otherwise. Parameter names differ between the two; see
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -48,6 +49,12 @@ def get_hf_config(model_cfg: ModelConfig) -> Any:
     """
     transformers = require("transformers", "building the Qwen3-MoE config")
     if model_cfg.hf_path is not None:
+        path = Path(model_cfg.hf_path)
+        # a local-looking path that is missing would reach the Hub and come back as a repo-id error
+        if not path.is_dir() and (path.is_absolute() or model_cfg.hf_path.startswith(".")
+                                  or model_cfg.hf_path.count("/") != 1):
+            raise ConfigError(f"model.hf_path '{model_cfg.hf_path}': no such directory "
+                              "(a Hugging Face checkpoint directory with config.json)")
         try:
             cfg = transformers.AutoConfig.from_pretrained(model_cfg.hf_path)
         except (OSError, ValueError) as exc:

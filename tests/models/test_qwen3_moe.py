@@ -136,3 +136,9 @@ def test_megatron_logits_match_hf_transformers(preset):
         assert err < 2e-5, f"max |logit diff| {err}"
     finally:
         destroy_parallel(destroy_process_group=True)
+
+
+@pytest.mark.parametrize("path", ["/no/such/ckpt", "./missing", "missing_dir", "a/b/c"])
+def test_missing_local_hf_path_is_named(path):
+    with pytest.raises(ConfigError, match=r"model.hf_path '.*': no such directory"):
+        get_hf_config(ModelConfig(preset=None, hf_path=path))
