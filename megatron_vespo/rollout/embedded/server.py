@@ -306,11 +306,23 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-version", default="default")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Raise ValueError naming ``--port`` when ``host:port`` cannot be bound (in use, or not ours)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); "
+                             "choose another --port") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the server in the foreground until interrupted."""
     uvicorn = require("uvicorn", "the embedded rollout server")
     if args.model_path and not Path(args.model_path, "config.json").is_file():
         raise ValueError(f"--model-path {args.model_path}: no config.json there")
+    _check_port_free(args.host, args.port)  # before the model loads, and before announcing a URL
     kw = dict(random_seed=args.random_seed, max_batch_size=args.max_batch_size, weight_version=args.weight_version)
     engine = (EmbeddedEngine.from_pretrained(args.model_path, args.dtype, **kw) if args.model_path
               else EmbeddedEngine.from_preset(args.preset or "tiny", args.seed, args.dtype, **kw))
