@@ -247,7 +247,9 @@ def iter_hf_weights(model: Any, dims: Any, *, bucket_bytes: int = DEFAULT_BUCKET
         head = unit[0]
         if head.expert is None:
             fulls = [_gather_tp(local[head.mcore], layout, dims.vocab_size)] if head.mcore in local else None
-        elif head.mcore in local or layout.pp_size == 1:
+        elif unit[layout.ep_rank].mcore in local or layout.pp_size == 1:
+            # every EP rank of the stage owning this layer joins the all-gather (each holds its own
+            # expert of the unit; testing unit[0] left EP ranks > 0 out of it under PP)
             mine = _gather_tp(local[unit[layout.ep_rank].mcore], layout, dims.vocab_size)
             fulls = [torch.empty_like(mine) for _ in unit]
             if layout.ep_size > 1:
