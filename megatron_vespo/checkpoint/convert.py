@@ -133,7 +133,7 @@ def compare_with_transformers(model: Any, hf_dir: str | os.PathLike, dims: Qwen3
 
 
 def _verifier(model: Any, dims: Qwen3MoeDims, tolerance: float, report: dict, *, hf_dir: Optional[str] = None,
-              ckpt_dir: Optional[str] = None, config_dir: str = "", parallel: Any = None):
+              ckpt_dir: Optional[str] = None, config_dir: str = "", parallel: Any = None, hint: str = ""):
     """``verify_fn`` for the atomic writers: HF (``hf_dir``, default the directory being written) vs Megatron.
 
     Both sides run in float32. A model in bf16/fp16 is not upcast in place (Megatron's kernels
@@ -154,7 +154,8 @@ def _verifier(model: Any, dims: Qwen3MoeDims, tolerance: float, report: dict, *,
         report["max_abs_logit_diff"] = diff
         logger.info("verify: max |logit diff| transformers vs Megatron = %.3g (tolerance %.1g)", diff, tolerance)
         if not diff <= tolerance:
-            raise ValueError(f"verification failed: max |logit diff| {diff:.3g} exceeds the tolerance {tolerance:g}")
+            raise ValueError(f"verification failed: max |logit diff| {diff:.3g} exceeds the tolerance {tolerance:g}"
+                             + hint)
     return verify
 
 
@@ -214,12 +215,15 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, ep: int = 1, pp: in
     model, created = _setup(str(ckpt / HF_SUBDIR), parallel, parse_dtype(meta["params_dtype"]))
     report: dict[str, Any] = {"ckpt": str(ckpt), "out": str(out_dir), "layout": dict(tp=tp, ep=ep, pp=pp),
                               "saved_layout": meta.get("saved_layout")}
+    lossy = dtype is not None and parse_dtype(dtype) not in (parse_dtype(meta["params_dtype"]), torch.float32)
+    hint = (f" (the export rounds {meta['params_dtype']} weights to {dtype}: a difference of that size is "
+            "expected; raise --tolerance to accept it)") if lossy else ""
     try:
         load_model_checkpoint(model, ckpt)
         save_hf_checkpoint(model, cfg, out_dir, source_dir=str(ckpt / HF_SUBDIR), dtype=dtype,
                            max_shard_bytes=max_shard_bytes,
                            verify_fn=_verifier(model, dims, tolerance, report, ckpt_dir=str(ckpt),
-                                               config_dir=str(ckpt / HF_SUBDIR), parallel=parallel)
+                                               config_dir=str(ckpt / HF_SUBDIR), parallel=parallel, hint=hint)
                            if verify else None)
     finally:
         _teardown(created)

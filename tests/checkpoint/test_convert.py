@@ -157,6 +157,9 @@ def test_failed_verification_and_bad_targets_write_nothing(tiny, tmp_path):
     with pytest.raises(ValueError, match="verification failed"):  # tolerance 0: always fails after writing
         mcore_to_hf(str(root / "mc"), str(tmp_path / "out"), verify=True, tolerance=0.0)
     _nothing_written(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"\(the export rounds float32 weights to bfloat16: .* raise --tolerance"):
+        mcore_to_hf(str(root / "mc"), str(tmp_path / "out"), verify=True, dtype="bfloat16")  # default tolerance
+    _nothing_written(tmp_path / "out")
     with pytest.raises(ValueError, match="megatron_vespo_checkpoint.json"):
         mcore_to_hf(str(hf), str(tmp_path / "out2"))
     _nothing_written(tmp_path / "out2")
