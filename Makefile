@@ -3,18 +3,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
-# PyPI's Linux torch wheel is the CUDA build (multi-GB nvidia-* dependencies); this index has the
-# +cpu build, which `torch==2.13.0` matches and pip prefers
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install lint test quickstart bench clean
 
-# CPU install: the torch 2.13.0 CPU wheel first (PyPI's torch is the multi-GB CUDA build),
+# CPU install: the torch 2.13.0 CPU wheel first (an unpinned torch pulls a multi-GB CUDA build),
 # then the package with everything that runs on a CPU machine plus the dev tools.
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install torch==2.13.0 --extra-index-url $(TORCH_INDEX)
+	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[cpu,dev]"
 	touch $@
 
