@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_vespo.config.base import dump_config
+from megatron_vespo.config.base import ConfigError, dump_config
 from megatron_vespo.config.job import JobConfig
 from megatron_vespo.utils.io import atomic_path
 
@@ -117,6 +117,8 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
     from megatron_vespo.weight_sync import build_weight_sync
 
     out = Path(job.loop.output_dir)
+    if out.exists() and not out.is_dir():  # before the actor: minutes of setup otherwise, then mkdir fails
+        raise ConfigError(f"loop.output_dir {out} exists and is not a directory")
     actor = MegatronActor(job.model, job.parallel, job.train, job.loss, job.routing,
                           temperature=job.rollout.sampling.temperature, fp8=job.fp8)
     rank0 = torch.distributed.get_rank() == 0
