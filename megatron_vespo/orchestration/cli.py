@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_vespo.config.job import JobConfig
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +24,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+def _check_engine_installed(job: "JobConfig") -> None:
+    """Fail before any Megatron work when ``rollout.engine=sglang`` must launch servers this Python cannot run."""
+    import importlib.util
+
+    from megatron_vespo.config.base import ConfigError
+
+    if job.rollout.engine != "sglang" or job.rollout.urls:
+        return
+    try:
+        found = importlib.util.find_spec("sglang") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError("rollout.engine=sglang launches `python -m sglang.launch_server` with this Python, which "
+                          "has no sglang: pip install 'megatron_vespo[sglang]' (GPU), or point rollout.urls at "
+                          "running servers, or use rollout.engine=embedded (CPU)")
+
+
 def _run(args: argparse.Namespace) -> int:
     from megatron_vespo.config.base import load_config
     from megatron_vespo.config.job import JobConfig
 
     job = load_config(JobConfig, args.config, args.overrides)
+    _check_engine_installed(job)
     if job.loop.mode == "async":
         from megatron_vespo.orchestration.async_loop import run_async as run
     else:

@@ -23,3 +23,17 @@ def test_done_line_only_with_rollout_metrics(monkeypatch, caplog, history, expec
     done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
     assert done == ([] if expected is None else [done[0]]) and (expected is None or expected in done[0])
     assert not any("nan" in m for m in done)
+
+
+def test_sglang_engine_without_sglang_fails_before_any_work(monkeypatch, caplog):
+    import importlib.util
+
+    import megatron_vespo.orchestration.sync_loop as sync_loop
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sglang" else object())
+    monkeypatch.setattr(sync_loop, "run_sync", lambda job: pytest.fail("the loop started"))
+    assert main(["train", TINY, "--set", "rollout.engine=sglang"]) == 2
+    assert "rollout.engine=sglang" in caplog.text and "megatron_vespo[sglang]" in caplog.text
+    # attaching to running servers needs no local sglang
+    monkeypatch.setattr(sync_loop, "run_sync", lambda job: [])
+    assert main(["train", TINY, "--set", "rollout.engine=sglang", "--set", "rollout.urls=[http://h:1]"]) == 0
