@@ -82,6 +82,9 @@ class RoutingReplay:
         self.routers = moe_routers(model_chunks, moe_pattern)
         self.layers = [o for o, _ in self.routers]
         self.num_moe_layers = int(sum(moe_pattern))
+        # expert count, for spreading filler routes over all experts (routes.fill_unrouted)
+        self.num_experts: Optional[int] = (int(self.routers[0][1].config.num_moe_experts) if self.routers
+                                           else None)
         self.topk = topk
         self.tp_rank, self.tp_size, self.sp = tp_rank, tp_size, sequence_parallel
         self.tp_group = tp_group

@@ -15,7 +15,7 @@ Alignment (why the missing last route is harmless): log-prob of token s comes fr
 logits at position s - 1, and under a causal mask position p only influences positions >= p.
 The route of the last real token n - 1 therefore only changes the prediction of token n,
 which does not exist, and padding comes after it. The trainer feeds the full sequence and
-replays a filler route (experts 0..K-1, distinct so no expert is counted twice) at every
+replays a filler route (K distinct experts, spread over all experts) at every
 position >= n - 1; every trained log-prob is computed exactly as under the engine's routes.
 """
 
@@ -96,13 +96,29 @@ def filler_route(topk: int) -> torch.Tensor:
     return torch.arange(topk, dtype=torch.long)
 
 
-def fill_unrouted(routes: torch.Tensor, attention_lengths: torch.Tensor) -> torch.Tensor:
-    """Copy of [b, S, L, K] ``routes`` with every position >= length - 1 set to the filler route."""
+def fill_unrouted(routes: torch.Tensor, attention_lengths: torch.Tensor,
+                  num_experts: Optional[int] = None) -> torch.Tensor:
+    """Copy of [b, S, L, K] ``routes`` with every position >= length - 1 set to a filler route.
+
+    Without ``num_experts`` the filler is :func:`filler_route` (experts 0..K-1). With it,
+    position p gets experts (p K + j) mod E, j < K: distinct within the row and spread evenly
+    over all experts, so right padding (often most tokens of a mini-batch trimmed to its
+    longest row) does not all land on experts 0..K-1 -- under expert parallelism that sent
+    every padding token of the step to EP rank 0 (load and memory spike).
+    """
     s, k = routes.shape[1], routes.shape[3]
     out = routes.clone()
     lengths = attention_lengths.to(routes.device)
-    tail = torch.arange(s, device=routes.device).unsqueeze(0) >= (lengths.unsqueeze(1) - 1)
-    out[tail] = filler_route(k).to(routes.device)
+    pos = torch.arange(s, device=routes.device)
+    tail = pos.unsqueeze(0) >= (lengths.unsqueeze(1) - 1)
+    if num_experts is None:
+        out[tail] = filler_route(k).to(routes.device)
+        return out
+    if num_experts < k:
+        raise ValueError(f"num_experts ({num_experts}) must be >= top-k ({k})")
+    spread = (pos.unsqueeze(1) * k + torch.arange(k, device=routes.device)) % num_experts  # [S, K]
+    filler = spread[:, None, :].expand(s, routes.shape[2], k).to(routes.dtype)  # [S, L, K]
+    out[tail] = filler.unsqueeze(0).expand_as(routes)[tail]
     return out
 
 

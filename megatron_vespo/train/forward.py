@@ -26,11 +26,13 @@ from megatron_vespo.train.logprobs import token_log_probs
 LossCallback = Callable[[MicroBatch, torch.Tensor, Optional[torch.Tensor]], tuple[torch.Tensor, Any]]
 
 
-def _routes_for(mb: MicroBatch, routing_mode: str, layers: list[int]) -> torch.Tensor:
+def _routes_for(mb: MicroBatch, routing_mode: str, layers: list[int],
+                num_experts: Optional[int] = None) -> torch.Tensor:
     if mb.routed_experts is None:
         raise ValueError(f"routing replay {routing_mode}: no routes for micro-batch rows {mb.rows.tolist()}")
     if routing_mode == "R3":
-        return fill_unrouted(mb.routed_experts, mb.attention_lengths.to(mb.routed_experts.device))
+        return fill_unrouted(mb.routed_experts, mb.attention_lengths.to(mb.routed_experts.device),
+                             num_experts=num_experts)
     # R2 records only this pipeline stage's layers: check those
     missing = (mb.routed_experts[:, :, layers] < 0).flatten(2).any(-1)  # [b, S]
     if bool(missing.any()):
@@ -73,7 +75,8 @@ def run_schedule(
             if routing_mode == "record":
                 routing.push_micro_batch(mb.rows, seq_len=mb.seq_len)
             elif routing_mode in ("R2", "R3"):
-                routing.push_micro_batch(mb.rows, routes=_routes_for(mb, routing_mode, routing.layers))
+                routing.push_micro_batch(mb.rows, routes=_routes_for(mb, routing_mode, routing.layers,
+                                                                     routing.num_experts))
         output = chunk(mb.tokens, mb.position_ids, None)
         return output, partial(loss_func, mb)
 

@@ -65,6 +65,22 @@ def test_fill_unrouted_uses_distinct_filler_only_where_no_log_prob_depends_on_it
     assert bool((filled >= 0).all())
 
 
+def test_spread_filler_is_distinct_per_row_and_balanced_over_experts():
+    """Padding must not all go to experts 0..K-1 (one EP rank would receive every padding token)."""
+    routes = collate_routes([_routes(5), _routes(3)], lengths=[6, 4], seq_len=6)
+    long = torch.cat([routes, torch.full((2, 58, 2, 2), NO_ROUTE)], dim=1)  # right padding to S = 64
+    filled = fill_unrouted(long, torch.tensor([6, 4]), num_experts=8)
+    assert torch.equal(filled[0, :5], long[0, :5]) and torch.equal(filled[1, :3], long[1, :3])
+    tail = filled[1, 3:]  # [61, L, K]
+    assert bool((tail >= 0).all()) and bool((tail < 8).all())
+    assert bool((tail[..., 0] != tail[..., 1]).all())  # K distinct experts per row
+    counts = torch.bincount(tail[:, 0].flatten(), minlength=8)
+    assert int(counts.max()) - int(counts.min()) <= 1  # even over all 8 experts
+    validate_batch_routes(filled, torch.full((2,), 64), num_moe_layers=2, topk=2, num_experts=8)
+    with pytest.raises(ValueError, match="num_experts"):
+        fill_unrouted(long, torch.tensor([6, 4]), num_experts=1)
+
+
 def test_replay_tensors_are_sequence_major_and_sp_shards_concatenate_to_the_full_tensor():
     b, s, n_layers, k = 3, 8, 4, 2
     routes = torch.arange(b * s * n_layers * k).view(b, s, n_layers, k)

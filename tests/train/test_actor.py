@@ -94,7 +94,7 @@ def test_r3_forces_every_moe_layer_onto_the_given_routes_and_the_router_still_le
     actor.compute_log_probs(batch)
     for h in hooks:
         h.remove()
-    routes = fill_unrouted(batch.routed_experts, batch.attention_lengths)
+    routes = fill_unrouted(batch.routed_experts, batch.attention_lengths, num_experts=8)  # the actor's filler
     assert sorted(maps) == [0, 1]
     for layer, per_mb in maps.items():
         want = torch.zeros(8, 16, 8, dtype=torch.bool).scatter_(2, routes[:, :, layer], True)
