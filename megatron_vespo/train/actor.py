@@ -39,7 +39,7 @@ from megatron_vespo.models.config import ModelConfig
 from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config, moe_layer_pattern
 from megatron_vespo.routing.config import RoutingReplayConfig
 from megatron_vespo.routing.replay import RoutingReplay
-from megatron_vespo.routing.routes import validate_batch_routes
+from megatron_vespo.routing.routes import NO_ROUTE, validate_batch_routes
 from megatron_vespo.train import batching
 from megatron_vespo.train.config import ParallelConfig, TrainConfig
 from megatron_vespo.train.forward import forward_log_probs, run_schedule
@@ -232,7 +232,13 @@ class MegatronActor:
 
     def _routing_drift(self, recorded: torch.Tensor, rollout_routes: torch.Tensor) -> dict[str, float]:
         """Agreement of the trainer's own routing (R2 record) with the rollout engine's, summed over ranks."""
-        counts = routing_agreement_counts(recorded, rollout_routes.long()).to(self.info.device)
+        # Only the rows this rank recorded can count (NO_ROUTE elsewhere), in chunks: the comparison
+        # is [rows, S, L, K, K], which for a whole rollout batch of a 48-layer top-8 model is GBs.
+        mine = (recorded[..., 0] != NO_ROUTE).flatten(1).any(-1).nonzero().flatten()
+        counts = torch.zeros(3, dtype=torch.float64)
+        for idx in mine.split(4):
+            counts += routing_agreement_counts(recorded[idx], rollout_routes[idx].long())
+        counts = counts.to(self.info.device)
         if torch.distributed.get_world_size() > 1:  # TP ranks count the same rows: ratios are unaffected
             torch.distributed.all_reduce(counts)
         return routing_agreement(counts.cpu(), self.hf_cfg.num_experts_per_tok)

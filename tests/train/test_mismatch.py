@@ -39,3 +39,25 @@ def test_routing_agreement_counts_sets_not_order():
     assert routing_agreement(torch.zeros(3, dtype=torch.float64), topk=2) == {}
     with pytest.raises(ValueError, match=r"\[B, S, L, K\]"):
         routing_agreement_counts(trainer, rollout[..., :1])
+
+
+def test_actor_routing_drift_counts_only_recorded_rows_in_chunks(monkeypatch):
+    """The actor's chunked drift (rows this rank recorded) equals the whole-batch counts."""
+    import types
+
+    from megatron_vespo.routing.routes import NO_ROUTE
+    from megatron_vespo.train.actor import MegatronActor
+
+    g = torch.Generator().manual_seed(0)
+    b, s, n_layers, k, e = 11, 7, 3, 2, 6
+    rollout = torch.rand(b, s, n_layers, e, generator=g).topk(k, -1).indices
+    trainer = torch.rand(b, s, n_layers, e, generator=g).topk(k, -1).indices
+    trainer[[1, 4, 5, 9]] = NO_ROUTE  # rows another DP rank recorded
+    trainer[:, :, 2] = NO_ROUTE  # a layer of another pipeline stage
+    rollout[:, 5:] = NO_ROUTE  # beyond the rollout's routes
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 1)
+    fake = types.SimpleNamespace(info=types.SimpleNamespace(device=torch.device("cpu")),
+                                 hf_cfg=types.SimpleNamespace(num_experts_per_tok=k))
+    got = MegatronActor._routing_drift(fake, trainer, rollout.to(torch.int32))
+    assert got == routing_agreement(routing_agreement_counts(trainer, rollout), k)
+    assert got["routing/expert_overlap"] > 0
