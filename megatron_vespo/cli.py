@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
     log = logging.getLogger("megatron_vespo")
     try:
-        rc = args.func(args)
+        try:
+            rc = args.func(args)
+        except Exception as exc:
+            if _caused_by_interrupt(exc):  # Ctrl-C that a library (anyio under httpx) turned into its own error
+                raise KeyboardInterrupt from exc
+            raise
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
@@ -67,10 +72,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         # the loops close engines and files in their finally blocks; checkpoints are written atomically,
-        # so the latest one on disk is whole
+        # so the latest one on disk is whole. Re-raised so Python ends the process by SIGINT as usual
+        # (exit status 130 in the shell; a plain exit would run C++ static destructors under live
+        # threads: 'terminate called without an active exception'), minus the traceback.
         log.error("interrupted")
-        return 130
+        _silence_keyboard_interrupt_traceback()
+        raise
     return int(rc or 0)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """True when a KeyboardInterrupt is in ``exc``'s cause/context chain."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _silence_keyboard_interrupt_traceback() -> None:
+    """Make the interpreter's top-level handler print nothing for KeyboardInterrupt (others unchanged)."""
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):  # noqa: ANN001 - the sys.excepthook signature
+        if not issubclass(exc_type, KeyboardInterrupt):
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
 
 
 if __name__ == "__main__":

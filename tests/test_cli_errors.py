@@ -20,7 +20,6 @@ def _parser_with(handler):
 @pytest.mark.parametrize("exc, code, text", [
     (ValueError("d.jsonl:2: missing key 'label' (data.label_key)"), 2, "ValueError: d.jsonl:2: missing key 'label'"),
     (FileNotFoundError("data.path: x.jsonl does not exist"), 2, "FileNotFoundError: data.path: x.jsonl"),
-    (KeyboardInterrupt(), 130, "interrupted"),
 ])
 def test_bad_input_is_one_error_line(monkeypatch, caplog, exc, code, text):
     def handler(args):
@@ -40,3 +39,36 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(cli, "build_parser", lambda: _parser_with(handler))
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["boom"])
+
+
+def test_ctrl_c_logs_one_line_and_dies_by_sigint_without_traceback(monkeypatch, caplog, capsys):
+    import sys
+
+    def handler(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_with(handler))
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    with caplog.at_level(logging.INFO, logger="megatron_vespo"), pytest.raises(KeyboardInterrupt) as info:
+        cli.main(["boom"])  # re-raised: the interpreter then ends the process by SIGINT
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == ["interrupted"]
+    sys.excepthook(info.type, info.value, info.tb)  # what the interpreter does at the top level
+    assert "Traceback" not in capsys.readouterr().err
+    sys.excepthook(ValueError, ValueError("other"), None)  # other exceptions still print
+    assert "ValueError: other" in capsys.readouterr().err
+
+
+def test_interrupt_wrapped_by_a_library_counts_as_ctrl_c(monkeypatch, caplog):
+    import sys
+
+    def handler(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("Attempted to exit a cancel scope") from None  # what anyio does
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_with(handler))
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    with caplog.at_level(logging.INFO, logger="megatron_vespo"), pytest.raises(KeyboardInterrupt):
+        cli.main(["boom"])
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == ["interrupted"]

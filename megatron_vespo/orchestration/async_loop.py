@@ -120,7 +120,7 @@ class _PausedDiskLoad:
 
 def update_engines(setup: Any, engines: Any, version: int, pause_mode: str) -> dict[str, float]:
     """Collective: put ``version`` into the engines with generation paused around the load (rank 0 pauses)."""
-    from megatron_vespo.orchestration.setup import broadcast_from_rank0
+    from megatron_vespo.orchestration.setup import broadcast_from_rank0, raise_if_interrupted
 
     model = setup.actor.model
     if setup.job.loop.weight_sync == "disk":
@@ -133,6 +133,7 @@ def update_engines(setup: Any, engines: Any, version: int, pause_mode: str) -> d
         try:
             engines.run(engines.router.pause_generation(pause_mode))
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank
+            raise_if_interrupted(exc)
             error = f"pause_generation failed: {type(exc).__name__}: {exc}"
     broadcast_from_rank0(None, None, error)
     try:

@@ -31,6 +31,22 @@ from megatron_vespo.utils.io import atomic_path
 logger = logging.getLogger(__name__)
 
 
+def raise_if_interrupted(exc: BaseException) -> None:
+    """Re-raise Ctrl-C that a library turned into another error on its way out.
+
+    anyio (under httpx) answers a KeyboardInterrupt inside a cancel scope with a RuntimeError
+    whose ``__context__`` is the interrupt; a loop catching rollout errors would then report
+    "rollout failed" instead of stopping as interrupted.
+    """
+    seen: set[int] = set()
+    cur: Optional[BaseException] = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+
+
 def broadcast_from_rank0(batch: Any, data_state: Optional[dict], error: Optional[str]) -> tuple[Any, dict]:
     """Send rank 0's batch and data position (or its error) to every rank; raise everywhere if rank 0 failed."""
     payload = [(batch, data_state, error)]

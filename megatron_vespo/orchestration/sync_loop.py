@@ -28,7 +28,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
     """Run ``job.loop.num_rollouts`` rollout/train/sync iterations; returns rank 0's per-rollout metrics."""
     from megatron_vespo.buffer import collate
     from megatron_vespo.orchestration.collect import collect_rollout
-    from megatron_vespo.orchestration.setup import broadcast_from_rank0, prepare_loop
+    from megatron_vespo.orchestration.setup import broadcast_from_rank0, prepare_loop, raise_if_interrupted
 
     if job.loop.mode != "sync":
         raise ValueError(f"run_sync runs loop.mode=sync, got loop.mode={job.loop.mode}")
@@ -47,6 +47,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
                                                         job.train.rollout_batch_size, s.reward_fn)
                     batch = collate(samples)
                 except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                    raise_if_interrupted(exc)
                     error = f"{type(exc).__name__}: {exc}"
                     logger.exception("rollout %d failed", it)
             # every rank keeps rank 0's data position (it is saved in checkpoints)
