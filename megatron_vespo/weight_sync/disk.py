@@ -67,11 +67,23 @@ class DiskWeightSync:
         path = self.export(model, version)
         t1 = time.perf_counter()
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        error: Optional[BaseException] = None
         if rank0 and load is not None:
-            if run is None:
-                raise ValueError("push(load=...) needs run= to execute the engines' update call")
-            run(load(str(path), version))
-            self._rotate(version)
+            try:
+                if run is None:
+                    raise ValueError("push(load=...) needs run= to execute the engines' update call")
+                run(load(str(path), version))
+                self._rotate(version)
+            except Exception as exc:  # noqa: BLE001 - raised on every rank below
+                error = exc
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # the other ranks would otherwise carry on into the next step's collectives alone
+            box = [None if error is None else f"{type(error).__name__}: {error}"]
+            torch.distributed.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                raise RuntimeError(f"weight sync from disk failed on rank 0: {box[0]}")
+        if error is not None:
+            raise error
         t2 = time.perf_counter()
         return {"weight_sync/export_s": t1 - t0, "weight_sync/load_s": t2 - t1}
 

@@ -1,9 +1,10 @@
-"""Weight-sync input errors found on rank 0 are raised on every training rank (no hang).
+"""Weight-sync errors found on rank 0 are raised on every training rank (no hang).
 
 Regression: ``TensorWeightSync.push`` and ``DistributedWeightSync.push`` raised their
 argument errors (wrong number of engine clients, no clients on rank 0) on rank 0 only, so
 the other ranks entered the export's collectives and waited there until the process-group
-timeout (30 minutes by default) instead of failing.
+timeout (30 minutes by default) instead of failing. ``DiskWeightSync.push`` raised an engine's
+refusal on rank 0 only, and the other ranks went on into the next step's collectives alone.
 """
 
 import pytest
@@ -28,7 +29,18 @@ def _push(rank, world, kind):
 
     export.iter_hf_weights = fake_export
     try:
-        if kind == "tensor":  # rank 0 has one engine client for two colocated ranks
+        if kind == "disk":  # the engines refuse the new weights: only rank 0 sees it
+            import megatron_vespo.checkpoint.mcore_io as mcore_io
+            from megatron_vespo.weight_sync.disk import DiskWeightSync
+
+            mcore_io.save_hf_checkpoint = lambda model, cfg, out, **kw: out
+
+            async def load(path, version):
+                raise RuntimeError("engine refused the weights")
+
+            DiskWeightSync("/nonexistent/ws", TINY).push(None, 1, load=load if rank == 0 else None,
+                                                         run=(lambda c: __import__("asyncio").run(c)))
+        elif kind == "tensor":  # rank 0 has one engine client for two colocated ranks
             TensorWeightSync(TINY, engine_tp_size=1).push(None, 1, clients=["engine"] if rank == 0 else None,
                                                           run=(lambda c: None) if rank == 0 else None)
         else:  # rank 0 was given no clients
@@ -38,9 +50,9 @@ def _push(rank, world, kind):
     return "no error", ""
 
 
-@pytest.mark.parametrize("kind", ["tensor", "distributed"])
+@pytest.mark.parametrize("kind", ["tensor", "distributed", "disk"])
 def test_rank0_argument_error_is_raised_on_every_rank(kind):
     results = run_distributed(_push, 2, kind, timeout=60)
     for name, msg in results:
-        assert name in ("ValueError", "RolloutEngineError"), results
-        assert "clients" in msg or "engines" in msg, results
+        assert name in ("ValueError", "RolloutEngineError", "RuntimeError"), results
+        assert "clients" in msg or "engines" in msg or "engine refused" in msg, results
