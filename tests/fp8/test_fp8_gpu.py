@@ -159,3 +159,37 @@ def test_fp8_param_model_trains_and_exports_bf16_hf_tensors(recipe):
     assert max(v for k, v in out["moved"].items() if "experts" in k) > 0
     pos = (out["adv"] > 0).unsqueeze(1) & (out["mask"] > 0)
     assert (out["lp1"] - out["lp0"])[pos].mean() > 0
+
+
+def _fp8_recompute_r3(rank, world_size, cfg_dict):
+    from megatron_vespo.losses.config import LossConfig
+    from megatron_vespo.models.config import ModelConfig
+    from megatron_vespo.models.qwen3_moe import num_moe_layers
+    from megatron_vespo.routing.config import RoutingReplayConfig
+    from megatron_vespo.train.actor import MegatronActor
+    from megatron_vespo.train.config import ParallelConfig, TrainConfig
+    from megatron_vespo.train.parallel import destroy_parallel
+    from megatron_vespo.train.synthetic import synthetic_batch
+
+    over = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    actor = MegatronActor(ModelConfig(preset="small", params_dtype="bfloat16", transformer_overrides=over),
+                          ParallelConfig(),
+                          TrainConfig(rollout_batch_size=4, mini_batch_size=4, micro_batch_size=2, lr=1e-4),
+                          LossConfig(name="vespo"), RoutingReplayConfig(mode="R3"), fp8=FP8Config(**cfg_dict))
+    hf = actor.hf_cfg
+    batch = synthetic_batch(4, 32, hf.vocab_size, seed=1, num_moe_layers=num_moe_layers(hf),
+                            topk=hf.num_experts_per_tok, num_experts=hf.num_experts)
+    metrics = actor.train_on_rollout(batch)
+    destroy_parallel()
+    return metrics, num_moe_layers(hf)
+
+
+@pytest.mark.parametrize("recipe", ["delayed"])
+def test_fp8_recompute_replays_routes_through_te_checkpoint(recipe):
+    """Under FP8 Megatron recomputes through TE's te_checkpoint, which does not set Megatron's
+    checkpointing flag: the backward re-runs must still replay the queued routes."""
+    cfg = _cfg(recipe)
+    _require(cfg)
+    metrics, n_moe = run_distributed(_fp8_recompute_r3, 1, cfg.model_dump(), init_gloo=False, timeout=900)[0]
+    assert metrics[0]["update_ok"] == 1.0
+    assert metrics[0]["routing/replayed_recomputes"] == 2 * n_moe  # every MoE layer, both micro-batches
