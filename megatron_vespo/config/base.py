@@ -10,6 +10,7 @@ overrides and error messages that name the dotted key to change.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,13 +63,35 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def _section_keys(cls: type[BaseModel] | None, parents: tuple) -> list[str]:
+    """Field names of the section at ``parents`` below ``cls`` ([] when it cannot be resolved)."""
+    for part in parents:
+        field = cls.model_fields.get(str(part)) if cls is not None else None
+        ann = field.annotation if field is not None else None
+        # Optional[Section] and the like: take the one BaseModel among the type arguments
+        cands = [ann, *getattr(ann, "__args__", ())]
+        cls = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return list(cls.model_fields) if cls is not None else []
+
+
+def _unknown_key_message(cls: type[BaseModel] | None, loc: tuple) -> str:
+    """'unknown key', with the closest valid key (a likely typo) or the valid keys of that section."""
+    keys = _section_keys(cls, loc[:-1])
+    if not keys:
+        return "unknown key (check the spelling; see the component's config class for valid keys)"
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+    if close:
+        return f"unknown key; did you mean '{close[0]}'?"
+    return f"unknown key; valid keys here: {', '.join(keys)}"
+
+
+def _format_errors(exc: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the component's config class for valid keys)"
+            msg = _unknown_key_message(cls, tuple(err["loc"]))
         elif err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
             msg = f"{msg} (got {err.get('input')!r})"
         lines.append(f"  {key}: {msg}")
@@ -80,7 +103,7 @@ def validate(cls: type[M], data: dict, source: str = "") -> M:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, f" ({source})" if source else "")) from None
+        raise ConfigError(_format_errors(exc, f" ({source})" if source else "", cls)) from None
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

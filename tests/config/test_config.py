@@ -115,3 +115,12 @@ def test_parallel_world_size_check_names_the_fields():
     with pytest.raises(ConfigError, match="expert_tensor_parallel_size=1"):
         ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
                        expert_model_parallel_size=2).check_world_size(2)
+
+
+def test_unknown_key_suggests_the_closest_or_lists_the_section():
+    with pytest.raises(ConfigError, match=r"rollout\.sampling\.temprature: unknown key; did you mean 'temperature'\?"):
+        load_config(JobConfig, None, ["rollout.sampling.temprature=1.0"])
+    with pytest.raises(ConfigError, match=r"trian: unknown key; did you mean 'train'\?"):
+        load_config(JobConfig, None, ["trian.lr=1"])
+    with pytest.raises(ConfigError, match=r"train\.zzzzzz: unknown key; valid keys here: rollout_batch_size, "):
+        load_config(JobConfig, None, ["train.zzzzzz=1"])
