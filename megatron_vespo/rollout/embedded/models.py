@@ -98,7 +98,14 @@ def reload_weights_in_place(model: torch.nn.Module, model_path: str | os.PathLik
     model stay valid. Raises ValueError naming the file when names or shapes differ.
     """
     dtype = next(model.parameters()).dtype
-    new = load_hf_model(model_path, dtype)
+    hf_logging = require("transformers", "reloading HF weights").utils.logging
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per weight update floods the training log
+    try:
+        new = load_hf_model(model_path, dtype)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     src, dst = new.state_dict(), model.state_dict()
     missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
     if missing or extra:
