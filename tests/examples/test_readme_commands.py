@@ -32,3 +32,11 @@ def test_readme_shows_a_config_command():
 def test_documented_config_command_validates(monkeypatch, doc, argv):
     monkeypatch.chdir(ROOT)
     assert main(["config", *argv]) == 0, f"{doc}: megatron-vespo config {' '.join(argv)}"
+
+
+def test_torchrun_commands_name_a_module():
+    """`torchrun ... megatron-vespo` fails (torchrun wants a script path): docs must show `-m megatron_vespo.cli`."""
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text().replace("\\\n", " ")
+        bad = re.findall(r"torchrun [^`\n]*?megatron-vespo", text)
+        assert not bad, f"{doc.name}: {bad}"
