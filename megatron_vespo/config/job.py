@@ -39,6 +39,11 @@ class JobConfig(Section):
         if self.routing.mode == "R3" and not self.rollout.return_routed_experts:
             raise ValueError("routing.mode=R3 replays the rollout engine's routes: set "
                              "rollout.return_routed_experts=true")
+        if self.rollout.n_samples_per_prompt < 2:
+            # advantages are group-relative (grpo/drgrpo/rloo): one sample per prompt gives advantage 0
+            # everywhere, so every update would be a silent no-op
+            raise ValueError("rollout.n_samples_per_prompt must be >= 2: advantages are computed within each "
+                             "prompt's group of samples, and a group of 1 has advantage 0")
         if self.train.rollout_batch_size % self.rollout.n_samples_per_prompt:
             raise ValueError(f"train.rollout_batch_size ({self.train.rollout_batch_size}) must be a multiple "
                              f"of rollout.n_samples_per_prompt ({self.rollout.n_samples_per_prompt}) so "

@@ -124,3 +124,8 @@ def test_unknown_key_suggests_the_closest_or_lists_the_section():
         load_config(JobConfig, None, ["trian.lr=1"])
     with pytest.raises(ConfigError, match=r"train\.zzzzzz: unknown key; valid keys here: rollout_batch_size, "):
         load_config(JobConfig, None, ["train.zzzzzz=1"])
+
+
+def test_single_sample_groups_are_rejected():
+    with pytest.raises(ConfigError, match=r"rollout.n_samples_per_prompt must be >= 2"):
+        load_config(JobConfig, None, ["rollout.n_samples_per_prompt=1"])
