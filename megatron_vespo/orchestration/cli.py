@@ -24,19 +24,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _check_engine_installed(job: "JobConfig") -> None:
-    """Fail before any Megatron work when ``rollout.engine=sglang`` must launch servers this Python cannot run."""
+def _has_module(name: str) -> bool:
+    """Whether ``name`` is importable, without importing it (SGLang takes seconds to import)."""
     import importlib.util
 
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_engine_installed(job: "JobConfig") -> None:
+    """Fail before any Megatron work on a missing optional package the job needs (SGLang to launch, math-verify)."""
     from megatron_vespo.config.base import ConfigError
 
+    if job.data.reward == "math" and not _has_module("math_verify"):
+        from megatron_vespo.utils.imports import INSTALL_HINTS
+
+        raise ConfigError(f"data.reward=math scores answers with math-verify, which is not installed: "
+                          f"{INSTALL_HINTS['math_verify']}")
     if job.rollout.engine != "sglang" or job.rollout.urls:
         return
-    try:
-        found = importlib.util.find_spec("sglang") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
+    if not _has_module("sglang"):
         raise ConfigError("rollout.engine=sglang launches `python -m sglang.launch_server` with this Python, which "
                           "has no sglang: pip install 'megatron_vespo[sglang]' (GPU), or point rollout.urls at "
                           "running servers, or use rollout.engine=embedded (CPU)")

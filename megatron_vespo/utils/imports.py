@@ -24,6 +24,7 @@ INSTALL_HINTS = {
     "uvicorn": "pip install 'megatron_vespo[serve]'",
     "httpx": "pip install 'megatron_vespo[serve]'",
     "apex": "pip install 'megatron_vespo[apex]'  (build from NVIDIA/apex for fused kernels)",
+    "math_verify": "pip install 'math-verify>=0.7'  (in megatron_vespo[cpu])",
 }
 
 

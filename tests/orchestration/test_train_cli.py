@@ -37,3 +37,15 @@ def test_sglang_engine_without_sglang_fails_before_any_work(monkeypatch, caplog)
     # attaching to running servers needs no local sglang
     monkeypatch.setattr(sync_loop, "run_sync", lambda job: [])
     assert main(["train", TINY, "--set", "rollout.engine=sglang", "--set", "rollout.urls=[http://h:1]"]) == 0
+
+
+def test_math_reward_without_math_verify_fails_before_any_work(monkeypatch, caplog):
+    import importlib.util
+
+    import megatron_vespo.orchestration.sync_loop as sync_loop
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name))
+    monkeypatch.setattr(sync_loop, "run_sync", lambda job: pytest.fail("the loop started"))
+    assert main(["train", TINY, "--set", "data.reward=math"]) == 2
+    assert "data.reward=math" in caplog.text and "pip install 'math-verify" in caplog.text
