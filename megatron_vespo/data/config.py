@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from megatron_vespo.config.base import Section
 
@@ -35,3 +35,10 @@ class DataConfig(Section):
         if name not in available_rewards():
             raise ValueError(f"unknown reward '{name}'; available: {', '.join(available_rewards())}")
         return name
+
+    @model_validator(mode="after")
+    def _path_for_jsonl(self) -> "DataConfig":
+        # checked here, not when the data loads: that comes after the Megatron actor is built
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("data.source=jsonl reads prompts from a file: set data.path")
+        return self

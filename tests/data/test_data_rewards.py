@@ -81,3 +81,11 @@ def test_math_reward_uses_math_verify():
     assert get_reward("math")(wrong, "\\frac{1}{2}") == 0.0
     with pytest.raises(ValueError, match="response_text"):
         get_reward("math")(Sample(prompt_tokens=[1], response_tokens=[2]), "1")
+
+
+def test_jsonl_source_without_path_is_a_config_error():
+    from megatron_vespo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.source=jsonl reads prompts from a file: set data.path"):
+        load_config(JobConfig, None, ["data.source=jsonl"])
+    assert load_config(JobConfig, None, ["data.source=jsonl", "data.path=p.jsonl"]).data.path == "p.jsonl"
