@@ -34,9 +34,14 @@ def _has_module(name: str) -> bool:
         return False
 
 
-def _check_engine_installed(job: "JobConfig") -> None:
-    """Fail before any Megatron work on a missing optional package the job needs (SGLang to launch, math-verify)."""
+def _preflight(job: "JobConfig") -> None:
+    """Fail before any Megatron work on what is cheap to check: the prompt file, optional packages the job needs."""
+    from pathlib import Path
+
     from megatron_vespo.config.base import ConfigError
+
+    if job.data.source == "jsonl" and job.data.path and not Path(job.data.path).is_file():
+        raise ConfigError(f"data.path {job.data.path}: no such file")
 
     if job.data.reward == "math" and not _has_module("math_verify"):
         from megatron_vespo.utils.imports import INSTALL_HINTS
@@ -56,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     from megatron_vespo.config.job import JobConfig
 
     job = load_config(JobConfig, args.config, args.overrides)
-    _check_engine_installed(job)
+    _preflight(job)
     if job.loop.mode == "async":
         from megatron_vespo.orchestration.async_loop import run_async as run
     else:

@@ -49,3 +49,12 @@ def test_math_reward_without_math_verify_fails_before_any_work(monkeypatch, capl
     monkeypatch.setattr(sync_loop, "run_sync", lambda job: pytest.fail("the loop started"))
     assert main(["train", TINY, "--set", "data.reward=math"]) == 2
     assert "data.reward=math" in caplog.text and "pip install 'math-verify" in caplog.text
+
+
+def test_missing_prompt_file_fails_before_any_work(monkeypatch, caplog, tmp_path):
+    import megatron_vespo.orchestration.sync_loop as sync_loop
+
+    monkeypatch.setattr(sync_loop, "run_sync", lambda job: pytest.fail("the loop started"))
+    missing = tmp_path / "prompts.jsonl"
+    assert main(["train", TINY, "--set", "data.source=jsonl", "--set", f"data.path={missing}"]) == 2
+    assert f"data.path {missing}: no such file" in caplog.text
