@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as exc:
         # bad input (a data file, a checkpoint directory, ...) raises these with a message naming the
         # field or file: show that message, keep the traceback for --log-level DEBUG
         log.debug("traceback", exc_info=True)

@@ -20,6 +20,8 @@ def _parser_with(handler):
 @pytest.mark.parametrize("exc, code, text", [
     (ValueError("d.jsonl:2: missing key 'label' (data.label_key)"), 2, "ValueError: d.jsonl:2: missing key 'label'"),
     (FileNotFoundError("data.path: x.jsonl does not exist"), 2, "FileNotFoundError: data.path: x.jsonl"),
+    (FileExistsError("output directory d already exists and is not empty"), 2, "FileExistsError: output directory d"),
+    (NotADirectoryError(20, "Not a directory", "afile"), 2, "NotADirectoryError: [Errno 20] Not a directory: 'afile'"),
 ])
 def test_bad_input_is_one_error_line(monkeypatch, caplog, exc, code, text):
     def handler(args):
