@@ -53,6 +53,13 @@ class LossConfig(Section):
         from megatron_vespo.losses import get_loss
 
         spec = get_loss(self.name)
-        spec.check_params(self.params)
+        try:
+            spec.check_params(self.params)
+        except ValueError as exc:
+            if not str(exc).startswith("unknown parameter"):
+                raise
+            # the usual cause: loss.name overridden while the YAML's loss.params belong to the old loss
+            raise ValueError(f"{exc} (loss.params; to switch losses from the command line, reset them too: "
+                             "--set 'loss.params={}')") from None
         spec.resolve_agg_mode(self.loss_agg_mode)
         return self

@@ -129,3 +129,13 @@ def test_unknown_key_suggests_the_closest_or_lists_the_section():
 def test_single_sample_groups_are_rejected():
     with pytest.raises(ConfigError, match=r"rollout.n_samples_per_prompt must be >= 2"):
         load_config(JobConfig, None, ["rollout.n_samples_per_prompt=1"])
+
+
+def test_switching_loss_keeps_old_params_hint(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("loss:\n  name: vespo\n  params: {c1_pos: 2.0}\n")
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) c1_pos for loss 'grpo'.*--set 'loss.params=\{\}'"):
+        load_config(JobConfig, cfg, ["loss.name=grpo"])
+    assert load_config(JobConfig, cfg, ["loss.name=grpo", "loss.params={}"]).loss.name == "grpo"
+    with pytest.raises(ConfigError, match=r"must be a number, got 'x'\n|must be a number, got 'x'$"):
+        load_config(JobConfig, cfg, ["loss.params.c1_pos=x"])
