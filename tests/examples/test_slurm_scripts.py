@@ -54,7 +54,10 @@ def test_train_script_builds_engines_and_a_valid_trainer_command(fake_slurm):
     lines = (tmp / "srun.log").read_text().splitlines()
     engines = [" ".join(shlex.split(ln)) for ln in lines if "sglang.launch_server" in ln]
     assert len(engines) == 2
-    assert "CUDA_VISIBLE_DEVICES=0,1,2,3" in engines[0] and "CUDA_VISIBLE_DEVICES=4,5,6,7" in engines[1]
+    # the engine steps start in the background: their log order is a race, their port -> GPU mapping is not
+    engines.sort(key=lambda e: int(e.split("--port ")[1].split()[0]))
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3" in engines[0] and "--port 30000" in engines[0]
+    assert "CUDA_VISIBLE_DEVICES=4,5,6,7" in engines[1] and "--port 30010" in engines[1]
     assert all("--enable-return-routed-experts" in e and "--nodelist node1" in e for e in engines)
     trainer = [ln for ln in lines if "megatron_vespo.cli train" in ln]
     assert len(trainer) == 1
