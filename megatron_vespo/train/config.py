@@ -6,6 +6,7 @@ passed through to ``TransformerConfig`` / ``parallel_state`` unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 from pydantic import Field, model_validator
@@ -31,6 +32,10 @@ class ParallelConfig(Section):
 
         tp, pp, ep = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size
         etp, cp = self.expert_tensor_parallel_size or tp, self.context_parallel_size
+        need = math.lcm(tp * pp * cp, etp * ep * pp)
+        if world_size == 1 and need > 1:  # the usual cause: the job was started as one process, not by torchrun
+            raise ConfigError(f"this parallel layout needs a multiple of {need} ranks and this is one process: "
+                              f"launch it with torchrun --nproc-per-node {need} -m megatron_vespo.cli ...")
         if world_size % (tp * pp * cp):
             raise ConfigError(f"world size {world_size} is not a multiple of parallel.tensor_model_parallel_size * "
                               f"pipeline_model_parallel_size * context_parallel_size = {tp * pp * cp}")

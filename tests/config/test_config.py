@@ -139,3 +139,12 @@ def test_switching_loss_keeps_old_params_hint(tmp_path):
     assert load_config(JobConfig, cfg, ["loss.name=grpo", "loss.params={}"]).loss.name == "grpo"
     with pytest.raises(ConfigError, match=r"must be a number, got 'x'\n|must be a number, got 'x'$"):
         load_config(JobConfig, cfg, ["loss.params.c1_pos=x"])
+
+
+def test_one_process_for_a_multi_rank_layout_says_torchrun():
+    from megatron_vespo.train.config import ParallelConfig
+
+    with pytest.raises(ConfigError, match=r"needs a multiple of 2 ranks and this is one process: launch it with "
+                                          r"torchrun --nproc-per-node 2 -m megatron_vespo.cli"):
+        ParallelConfig(expert_model_parallel_size=2).check_world_size(1)
+    ParallelConfig().check_world_size(1)
