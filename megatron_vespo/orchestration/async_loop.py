@@ -204,13 +204,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                 except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                     late_error = f"{type(exc).__name__}: {exc}"
             _, data_state = broadcast_from_rank0(None, data_state, late_error)
-            for k, m in enumerate(updates):
-                mlog.log(m, step=(it - 1) * job.train.staleness + k + 1)
-            summary = {"rollout": float(it), "policy_version": float(version), **rm, **sm,
-                       "time/train_s": t2 - t1, "time/iteration_s": time.perf_counter() - t0,
-                       "train/loss_last": updates[-1].get("loss", float("nan")),
-                       "train/grad_norm_last": updates[-1].get("grad_norm", float("nan"))}
-            mlog.log(summary, step=it * job.train.staleness)
+            summary = s.log_iteration(mlog, it, version, updates, {**rm, **sm}, t2 - t1, time.perf_counter() - t0)
             history.append(summary)
             if rank0:
                 logger.info("rollout %d/%d: reward %.3f, lag %.2f (max %d), waited %.2fs, trained %.2fs, "

@@ -116,6 +116,19 @@ class LoopSetup:
                              config_dump=self.job.model_dump(mode="json"),
                              start_step=self.start * self.job.train.staleness)
 
+    def log_iteration(self, mlog: Any, it: int, version: int, updates: list[dict], metrics: dict,
+                      train_s: float, iteration_s: float) -> dict[str, float]:
+        """Log one row per optimizer update and the rollout's summary row (shared by both loops); return it."""
+        staleness = self.job.train.staleness
+        for k, m in enumerate(updates):
+            mlog.log(m, step=(it - 1) * staleness + k + 1)
+        summary = {"rollout": float(it), "policy_version": float(version), **metrics,
+                   "time/train_s": train_s, "time/iteration_s": iteration_s,
+                   "train/loss_last": updates[-1].get("loss", float("nan")),
+                   "train/grad_norm_last": updates[-1].get("grad_norm", float("nan"))}
+        mlog.log(summary, step=it * staleness)
+        return summary
+
     def save(self, iteration: int, version: int, data_state: dict) -> None:
         """Collective: checkpoint what is due at ``iteration`` (always the last one when ``save_dir`` is set)."""
         job = self.job

@@ -58,13 +58,8 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
             t2 = time.perf_counter()
             version += 1
             smetrics = sync.update(actor.model, version, engines)
-            for k, m in enumerate(updates):
-                mlog.log(m, step=(it - 1) * job.train.staleness + k + 1)
-            summary = {"rollout": float(it), "policy_version": float(version), **rmetrics, **smetrics,
-                       "time/train_s": t2 - t1, "time/iteration_s": time.perf_counter() - t0,
-                       "train/loss_last": updates[-1].get("loss", float("nan")),
-                       "train/grad_norm_last": updates[-1].get("grad_norm", float("nan"))}
-            mlog.log(summary, step=it * job.train.staleness)
+            summary = s.log_iteration(mlog, it, version, updates, {**rmetrics, **smetrics}, t2 - t1,
+                                      time.perf_counter() - t0)
             history.append(summary)
             if rank0:
                 logger.info("rollout %d/%d: reward %.3f, loss %.4f, %.1fs", it, job.loop.num_rollouts,
