@@ -26,22 +26,17 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable
 
 import torch
 
+from megatron_vespo.utils.net import free_port
+
 
 class DistributedTestError(RuntimeError):
     """One or more ranks failed (message holds their tracebacks) or the run timed out."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _dumps(obj: Any) -> bytes:
@@ -86,7 +81,7 @@ def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout: floa
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     env = {"OMP_NUM_THREADS": str(threads), **(env or {})}
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, kwargs, results, threads,
                                                init_gloo, env), daemon=True)

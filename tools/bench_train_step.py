@@ -16,18 +16,13 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_vespo.utils.net import free_port
 
 
 def _megatron_worker(rank: int, world: int, port: int, args: argparse.Namespace, layout: dict, queue) -> None:
@@ -71,7 +66,7 @@ def bench_megatron(args: argparse.Namespace, layout: dict, world: int) -> list[f
     """Median-able list of update times (s) of rank 0 for ``layout`` on ``world`` processes."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_megatron_worker, args=(r, world, port, args, layout, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from megatron_vespo.utils.net import free_port
+
 logger = logging.getLogger(__name__)
 
 #: seconds the surviving ranks get to report their own error after one rank failed
@@ -116,14 +118,6 @@ def dist_atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 # ----------------------------------------------------------------------------- local launcher
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _child(fn: Callable, r: int, world: int, port: int, args: tuple, results: Any) -> None:
     os.environ.update({"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -151,7 +145,7 @@ def launch_local(fn: Callable, nproc: int, *args: Any) -> Any:
         return fn(*args)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_child, args=(fn, r, nproc, port, args, results)) for r in range(nproc)]
     for p in procs:
         p.start()

@@ -11,22 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from megatron_vespo.utils.imports import require
+from megatron_vespo.utils.net import free_port as find_free_port  # noqa: F401 - public name here
 
 logger = logging.getLogger(__name__)
-
-
-def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the kernel's choice for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def check_health(url: str, timeout_s: float = 2.0) -> bool:

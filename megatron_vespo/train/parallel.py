@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -24,6 +23,7 @@ import torch
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.train.config import ParallelConfig
 from megatron_vespo.utils.imports import require
+from megatron_vespo.utils.net import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +45,6 @@ class ParallelInfo:
     cp_size: int
     sequence_parallel: bool
     device: torch.device
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on localhost."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def default_backend() -> str:
