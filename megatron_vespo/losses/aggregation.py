@@ -14,7 +14,9 @@ seq-mean-token-sum-norm    sum_i (sum_t m l) / D          (verl: D = T)        a
 
 Without ``global_denominator`` D is computed from ``mask`` itself, which reproduces
 verl (apart from empty batches: D is floored at 1 so a fully masked call yields 0, where
-verl divides 0 by 0; verl's ``n_i + 1e-8`` is ``max(n_i, 1)`` here, equal for n_i >= 1).
+verl divides 0 by 0). ``seq-mean-token-mean`` divides each row by ``n_i + 1e-8`` as verl does
+(``core_algos.agg_loss``; also the VESPO authors' copy), so it agrees with verl bit for bit; an
+empty row has a zero sum and contributes 0 either way.
 
 Micro-batching (how the Megatron actor uses this)
 -------------------------------------------------
@@ -44,6 +46,7 @@ import torch
 AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 Denominator = Union[float, int, torch.Tensor]
+ROW_EPS = 1e-8  # verl agg_loss: per-row token count + 1e-8 in seq-mean-token-mean
 
 
 def check_agg_mode(mode: str, argument: str = "loss_agg_mode") -> str:
@@ -112,7 +115,8 @@ def agg_loss(
     row_sum = masked.sum(dim=-1)
     counts = valid.sum(dim=-1)
     if mode == "seq-mean-token-mean":
-        row_sum = row_sum / counts.clamp(min=1).to(row_sum.dtype)
+        # verl's ``n_i + 1e-8`` (not max(n_i, 1)): a relative 1e-8 that a bit-for-bit comparison sees
+        row_sum = row_sum / (counts.to(row_sum.dtype) + ROW_EPS)
     # Empty rows have row_sum == 0, so they only need excluding from the denominator.
     return divide_by_denominator(row_sum.sum(), global_denominator, (counts > 0).sum())
 

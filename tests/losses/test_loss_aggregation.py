@@ -124,3 +124,23 @@ def test_loss_denominator_per_reduction(batch_factory):
         loss_denominator("gepo", b.mask)
     with pytest.raises(ValueError, match="leave loss_agg_mode unset"):
         loss_denominator("gmpo", b.mask, loss_agg_mode="token-mean")
+
+
+def test_seq_mean_token_mean_is_bit_exact_with_verl_formula():
+    """verl ``agg_loss``: row sums / (row token count + 1e-8), mean over non-empty rows.
+
+    With max(n_i, 1) (the earlier rule) the result differs from verl by a relative 1e-9..2e-8
+    in float64, so ``torch.equal`` fails; with ``n_i + 1e-8`` it is the same arithmetic.
+    """
+    g = torch.Generator().manual_seed(3)
+    loss = torch.randn(6, 11, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, 11, generator=g) > 0.4
+    mask[2] = False  # an empty row contributes 0 and is not counted
+    m = mask.to(torch.float64)
+    seq_tok = m.sum(-1)
+    seq_losses = (loss * m).sum(-1) / (seq_tok + 1e-8)
+    seq_mask = (seq_tok > 0).to(torch.float64)
+    verl = (seq_losses * seq_mask).sum() / seq_mask.sum()
+    assert torch.equal(agg_loss(loss, mask, "seq-mean-token-mean"), verl)
+    old_rule = ((loss * m).sum(-1) / seq_tok.clamp(min=1) * seq_mask).sum() / seq_mask.sum()
+    assert not torch.equal(old_rule, verl)  # the test can tell the two rules apart

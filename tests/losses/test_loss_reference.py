@@ -36,7 +36,7 @@ def naive_agg(rows: list[list[torch.Tensor]], mode: str, T: int) -> torch.Tensor
     if mode == "seq-mean-token-sum":
         return sum(sum(r) for r in nonempty) / len(nonempty)
     if mode == "seq-mean-token-mean":
-        return sum(sum(r) / len(r) for r in nonempty) / len(nonempty)
+        return sum(sum(r) / (len(r) + 1e-8) for r in nonempty) / len(nonempty)  # verl: n_i + 1e-8
     assert mode == "seq-mean-token-sum-norm"
     return sum(sum(r) for r in nonempty) / T
 
