@@ -7,8 +7,9 @@ from typing import Any, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from megatron_vespo.config.base import Section
+from megatron_vespo.losses.aggregation import AGG_MODES
 
-AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+AggMode = Literal[AGG_MODES]  # the aggregation module's list, one source of truth
 
 
 class RolloutISConfig(Section):
