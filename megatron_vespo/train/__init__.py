@@ -1,1 +1,16 @@
-"""train component of megatron_vespo."""
+"""Trainer side: the Megatron-Core actor that turns a rollout batch into N optimizer updates.
+
+Open ``actor`` first: :class:`~megatron_vespo.train.actor.MegatronActor` computes old log-probs
+once (recording R2 routes), then runs N = rollout_batch / mini_batch updates with a loss from
+``losses/``. Modules, in the order the actor uses them:
+
+* ``config``: ``ParallelConfig`` (Megatron's layout names) and ``TrainConfig`` (optimisation, N).
+* ``parallel``: process groups (``initialize_model_parallel``) and teardown.
+* ``optim``: Megatron DDP, distributed optimizer and LR schedule.
+* ``batching``: ``TrainBatch`` -> mini-batches -> DP shards -> micro-batches.
+* ``forward``: micro-batches through Megatron's forward-backward schedule (PP aware).
+* ``logprobs``: per-token log-probs and entropy from vocab-parallel logits.
+* ``metrics``: gathering per-rank results into batch tensors and update metrics.
+* ``mismatch``: train/inference mismatch diagnostics (log-prob gap, routing drift).
+* ``synthetic``: synthetic batches for tests and benchmarks (no rollout engine).
+"""
