@@ -48,6 +48,11 @@ class JobConfig(Section):
             raise ValueError(f"train.rollout_batch_size ({self.train.rollout_batch_size}) must be a multiple "
                              f"of rollout.n_samples_per_prompt ({self.rollout.n_samples_per_prompt}) so "
                              "groups stay whole")
+        if self.train.old_log_prob_source == "rollout" and self.loss.rollout_is.enabled:
+            # the weights are pi_old / mu with pi_old := mu here: exactly 1 everywhere, a silent no-op
+            raise ValueError("loss.rollout_is weights pi_old / mu_rollout are exactly 1 when "
+                             "train.old_log_prob_source=rollout (pi_old is the rollout's mu): use "
+                             "old_log_prob_source=recompute with loss.rollout_is, or disable loss.rollout_is")
         from megatron_vespo.fp8.te import check_fp8_job
 
         check_fp8_job(self.fp8, self.model, self.parallel)  # FP8 rules across sections (no GPU needed)

@@ -148,3 +148,11 @@ def test_one_process_for_a_multi_rank_layout_says_torchrun():
                                           r"torchrun --nproc-per-node 2 -m megatron_vespo.cli"):
         ParallelConfig(expert_model_parallel_size=2).check_world_size(1)
     ParallelConfig().check_world_size(1)
+
+
+def test_rollout_old_log_probs_with_rollout_is_weights_is_refused():
+    """pi_old := mu_rollout makes the TIS/MIS weights pi_old / mu exactly 1: a silent no-op."""
+    with pytest.raises(ValueError, match="old_log_prob_source=rollout"):
+        JobConfig.model_validate({"train": {"old_log_prob_source": "rollout"},
+                                  "loss": {"rollout_is": {"enabled": True}}})
+    JobConfig.model_validate({"train": {"old_log_prob_source": "recompute"}, "loss": {"rollout_is": {"enabled": True}}})
