@@ -37,10 +37,13 @@ W_FLOOR = 1e-8
 C2_FLOOR = 1e-4
 
 
-def sequence_log_weight(x: PolicyLossInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def sequence_log_weight(x: PolicyLossInput,
+                        length_norm_power: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Detached per-sequence log W [B] (clamped to [-20, 20]), the token log-ratio [B, T] and log TIS [B].
 
-    Shared by VESPO and SNIS: product of token ratios (a sum in log space), never divided by length.
+    Shared by VESPO and SNIS: product of token ratios (a sum in log space), not divided by length.
+    ``length_norm_power`` p > 0 is the paper's ablation only: log W / T_i^p before the clamp
+    (p = 1: the per-token geometric mean, p = 0.5: / sqrt(T)).
     """
     with torch.no_grad():
         log_ratio = (x.log_prob.detach() - x.old_log_prob).clamp(-LOG_CLAMP, LOG_CLAMP)
@@ -50,6 +53,8 @@ def sequence_log_weight(x: PolicyLossInput) -> tuple[torch.Tensor, torch.Tensor,
             log_tis = torch.log(x.rollout_is_weights.clamp(min=W_FLOOR)).clamp(-LOG_CLAMP, LOG_CLAMP)
             seq_tis = (log_tis * x.mask).sum(dim=-1)
             seq = seq + seq_tis
+        if length_norm_power:
+            seq = seq / x.lengths.clamp(min=1).to(seq.dtype).pow(length_norm_power)
         return seq.clamp(-LOG_CLAMP, LOG_CLAMP), log_ratio, seq_tis
 
 
@@ -68,9 +73,17 @@ def vespo_loss(
     c2_pos: float = 3.0,
     c1_neg: float = 3.0,
     c2_neg: float = 2.0,
+    length_norm_power: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
-    """VESPO: -phi(W) A log pi with phi(W) = W^c1 exp(c2 (1 - W)), W the detached sequence ratio."""
-    log_w, log_ratio, seq_tis = sequence_log_weight(x)
+    """VESPO: -phi(W) A log pi with phi(W) = W^c1 exp(c2 (1 - W)), W the detached sequence ratio.
+
+    ``length_norm_power`` (default 0: none, as the paper prescribes) exists for the paper's ablation
+    (log W / T and log W / sqrt(T): p = 1 and 0.5), which it reports to collapse or spike.
+    """
+    if not 0.0 <= length_norm_power <= 1.0:
+        raise ValueError(f"length_norm_power must be in [0, 1] (0 = none, 0.5 = sqrt(T), 1 = T), "
+                         f"got {length_norm_power}")
+    log_w, log_ratio, seq_tis = sequence_log_weight(x, length_norm_power)
     w = torch.exp(log_w)
     seq_adv = x.seq_advantages()
     pos = seq_adv >= 0
