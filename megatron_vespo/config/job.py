@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 from megatron_vespo.checkpoint.config import CheckpointConfig
 from megatron_vespo.config.base import Section
 from megatron_vespo.data.config import DataConfig
+from megatron_vespo.evaluation.config import EvalConfig
 from megatron_vespo.fp8.config import FP8Config
 from megatron_vespo.losses.config import LossConfig
 from megatron_vespo.models.config import ModelConfig
@@ -33,6 +34,7 @@ class JobConfig(Section):
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     fp8: FP8Config = Field(default_factory=FP8Config)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobConfig":
