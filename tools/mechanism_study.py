@@ -89,14 +89,15 @@ def plot(summary: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for loss in dict.fromkeys(r["loss"] for r in summary):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.get_cmap("tab20").colors
+    for i, loss in enumerate(dict.fromkeys(r["loss"] for r in summary)):
         rows = [r for r in summary if r["loss"] == loss]
         ks = [max(r["k"], 0.5) for r in rows]
-        axes[0].errorbar(ks, [r["cos_of_mean"] for r in rows], yerr=[r["cos_of_mean_std"] for r in rows],
-                         label=loss, capsize=2, marker="o", ms=3)
-        axes[1].errorbar(ks, [r["rel_var"] for r in rows], yerr=[r["rel_var_std"] for r in rows],
-                         label=loss, capsize=2, marker="o", ms=3)
+        style = dict(label=loss, capsize=2, marker="o", ms=3, color=colors[(2 * i) % 20 + (i >= 10)],
+                     linestyle="--" if "@" in loss else "-")  # ablation variants dashed
+        axes[0].errorbar(ks, [r["cos_of_mean"] for r in rows], yerr=[r["cos_of_mean_std"] for r in rows], **style)
+        axes[1].errorbar(ks, [r["rel_var"] for r in rows], yerr=[r["rel_var_std"] for r in rows], **style)
     for ax, title in zip(axes, ("cos(mean stale grad, on-policy grad)", "resample variance / ||mean||^2")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("staleness k (updates; k=0 plotted at 0.5)")
@@ -117,7 +118,9 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=8)
     ap.add_argument("--reference-batches", type=int, default=16)
     ap.add_argument("--response-len", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--policy", choices=["tabular", "moe"], default="tabular",
+                    help="tabular: exact on-policy gradient; moe: a tiny Qwen3-MoE (target estimated, noisier)")
     ap.add_argument("--quick", action="store_true", help="tiny grid for a smoke run (seconds)")
     ap.add_argument("--out", required=True, help="directory for per-seed JSON, summary, table and PNG")
     args = ap.parse_args()
@@ -136,7 +139,7 @@ def main() -> None:
         cfg = MechanismConfig(staleness=tuple(args.staleness), losses=tuple(args.losses),
                               trajectory_updates=args.updates or max(args.staleness), resamples=args.resamples,
                               reference_batches=args.reference_batches, response_len=args.response_len,
-                              lr=args.lr, seed=seed)
+                              lr=args.lr, seed=seed, policy=args.policy)
         res = run_mechanism(cfg)
         res["versions"] = versions()
         res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
