@@ -30,7 +30,8 @@ EXTRAS = {
     "apex": ["apex"],
     "wandb": ["wandb>=0.17"],
     "cpu": CPU_EXTRAS,
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
+    # arviz-stats: the reference PSIS that tests/losses/test_psis_adaptive.py checks ours against
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6", "arviz-stats>=0.8"],
 }
 
 setup(

@@ -47,7 +47,8 @@ DEFAULT_PARAMS: dict[str, dict[str, float]] = {
     "grpo": {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28},
     "gspo": {"clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4},
     "sapo": {"tau_pos": 1.0, "tau_neg": 1.05},
-    "cispo": {}, "snis": {}, "gepo": {}, "gmpo": {},
+    "cispo": {}, "snis": {}, "gepo": {}, "gmpo": {}, "psis": {},
+    "vespo_adaptive": {"c1_pos": 2.0, "c2_pos": 3.0, "c1_neg": 3.0, "c2_neg": 2.0, "target_ess": 0.5},
 }
 _VESPO = DEFAULT_PARAMS["vespo"]
 # The paper's ablations (its Sec. 4 / Fig. 7), as "loss@variant" labels usable wherever a loss name is.

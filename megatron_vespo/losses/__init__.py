@@ -18,8 +18,10 @@ in ``rollout_is.py``. docs/losses.md has the full reference.
 """
 
 from megatron_vespo.losses import ppo as _ppo  # noqa: F401  (registers grpo, gspo, sapo, cispo, gpg)
+from megatron_vespo.losses import psis as _psis  # noqa: F401  (registers psis)
 from megatron_vespo.losses import sequence as _sequence  # noqa: F401  (registers gmpo, gepo, snis)
 from megatron_vespo.losses import vespo as _vespo  # noqa: F401  (registers vespo)
+from megatron_vespo.losses import vespo_adaptive as _vespo_adaptive  # noqa: F401  (registers vespo_adaptive)
 from megatron_vespo.losses.aggregation import AGG_MODES, agg_loss, local_denominator
 from megatron_vespo.losses.inputs import PolicyLossInput
 from megatron_vespo.losses.registry import (

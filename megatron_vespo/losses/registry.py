@@ -47,6 +47,9 @@ class LossSpec:
         reduction: ``agg``, ``rows`` or ``groups`` (module docstring).
         sequence_level: needs one advantage per sequence.
         needs_group: needs ``group_index``.
+        call_statistics: the loss reshapes weights with a statistic of all the rows of one call
+            (PSIS's tail fit, adaptive VESPO's scale), so micro-batch losses do not sum to the
+            mini-batch loss; exact only when a call holds the whole mini-batch.
     """
 
     name: str
@@ -56,6 +59,7 @@ class LossSpec:
     reduction: str
     sequence_level: bool
     needs_group: bool
+    call_statistics: bool = False
 
     @property
     def summary(self) -> str:
@@ -104,6 +108,7 @@ def register_loss(
     reduction: str = "agg",
     sequence_level: bool = False,
     needs_group: bool = False,
+    call_statistics: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator registering ``fn`` under ``name``; a duplicate name raises ValueError."""
     if not isinstance(name, str) or not name:
@@ -126,7 +131,8 @@ def register_loss(
                 raise ValueError(f"loss '{name}': parameter {p.name} must be keyword-only with a default")
             params[p.name] = p.default
         _REGISTRY[name] = LossSpec(name=name, fn=fn, params=params, default_agg_mode=default_agg_mode,
-                                   reduction=reduction, sequence_level=sequence_level, needs_group=needs_group)
+                                   reduction=reduction, sequence_level=sequence_level, needs_group=needs_group,
+                                   call_statistics=call_statistics)
         return fn
 
     return decorator

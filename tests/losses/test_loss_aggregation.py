@@ -75,7 +75,7 @@ def _modes(name):
     return list(AGG_MODES) if spec.reduction == "agg" else [None]
 
 
-CASES = [(n, m) for n in available_losses() for m in _modes(n)]
+CASES = [(n, m) for n in available_losses() for m in _modes(n) if not get_loss(n).call_statistics]
 
 
 @pytest.mark.parametrize("name,mode", CASES)
@@ -105,6 +105,20 @@ def test_micro_batches_with_global_denominator_sum_to_the_mini_batch(name, mode,
     total.backward()
     torch.testing.assert_close(total, whole, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(lp.grad, whole_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_call_statistics_losses_are_exact_only_for_the_whole_batch(batch_factory):
+    """PSIS / adaptive VESPO fit a statistic over the call's rows: declared, and splitting changes the loss."""
+    declared = {n for n in available_losses() if get_loss(n).call_statistics}
+    assert declared == {"psis", "vespo_adaptive"}
+    b = batch_factory(B=40, T=6, groups=5, seed=3, delta_scale=1.5, empty_row=False)
+    for name in sorted(declared):
+        whole, _ = compute_policy_loss(name, **b.kwargs(), global_denominator=float(b.mask.sum()))
+        parts = sum(compute_policy_loss(name, log_prob=b.log_prob[s], old_log_prob=b.old_log_prob[s],
+                                        advantages=b.advantages[s], response_mask=b.mask[s],
+                                        group_index=b.group_index[s], global_denominator=float(b.mask.sum()))[0]
+                    for s in (slice(0, 20), slice(20, 40)))
+        assert not torch.allclose(parts, whole, rtol=1e-6), name
 
 
 def test_global_denominator_accepts_tensors(batch_factory):
