@@ -21,6 +21,9 @@ class EvalConfig(Section):
     fraction of prompts with at least one sample whose reward >= ``pass_threshold``; ``greedy`` =
     mean reward of one greedy response per prompt (when ``greedy``). ``reward`` defaults to
     ``data.reward``; ``max_new_tokens`` to ``rollout.sampling.max_new_tokens``.
+
+    During training (``loop.eval_every`` > 0) ``keep_best`` exports the policy with the best
+    ``avg@k`` so far to ``<loop.output_dir>/best_policy`` (an HF directory ``eval`` can score).
     """
 
     path: Optional[str] = None
@@ -35,3 +38,4 @@ class EvalConfig(Section):
     max_new_tokens: Optional[int] = Field(None, ge=1)
     pass_threshold: float = 1.0
     seed: int = 0
+    keep_best: bool = True

@@ -9,12 +9,13 @@ Metrics (``eval/`` prefix, floats):
 * ``greedy``, ``greedy_pass``: mean reward / pass rate of one greedy response per prompt;
 * ``response_len_mean``, ``num_prompts``, ``truncated_frac``.
 
-Generation goes through ``EngineRouter.generate_batch`` (the loop's client, engines and
-protocol), so an SGLang deployment is evaluated exactly as it is trained.
+Generation goes through ``EngineRouter.generate`` (the loop's client, engines and protocol), so
+an SGLang deployment is evaluated exactly as it is trained, with per-request seeds of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from typing import Any, Callable, Optional
@@ -65,15 +66,24 @@ def _score(samples: list[Sample], prompts: list[Prompt], reward_fn: RewardFn) ->
     return per_prompt
 
 
+async def _generate(router: Any, prompts: list[Prompt], sampling: SamplingConfig, k: int, seed: int) -> list[Sample]:
+    """k responses per prompt with explicit per-request seeds (``seed * 1_000_003 + i``).
+
+    Explicit seeds, not the router's running counter: the counter advances with every rollout, so
+    the same policy would be scored on different samples depending on when it is evaluated.
+    """
+    tasks = [router.generate(p.tokens, sampling.to_sglang(seed * 1_000_003 + g * k + j), group_index=g)
+             for g, p in enumerate(prompts) for j in range(k)]
+    return list(await asyncio.gather(*tasks))
+
+
 async def evaluate(router: Any, prompts: list[Prompt], reward_fn: RewardFn, cfg: EvalConfig,
                    max_new_tokens: int) -> dict[str, float]:
     """Generate and score ``cfg.k`` sampled (and one greedy) responses per prompt; returns ``eval/*`` metrics."""
     if not prompts:
         raise ValueError("no held-out prompts to evaluate")
-    tokens = [p.tokens for p in prompts]
-    sampled = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new_tokens,
-                             sampling_seed=cfg.seed)
-    samples = await router.generate_batch(tokens, sampled, n_samples_per_prompt=cfg.k)
+    sampled = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new_tokens)
+    samples = await _generate(router, prompts, sampled, cfg.k, cfg.seed)
     rewards = _score(samples, prompts, reward_fn)
     out = {
         f"eval/avg@{cfg.k}": sum(sum(r) for r in rewards) / (cfg.k * len(prompts)),
@@ -85,7 +95,7 @@ async def evaluate(router: Any, prompts: list[Prompt], reward_fn: RewardFn, cfg:
     }
     if cfg.greedy:
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
-        g_rewards = _score(await router.generate_batch(tokens, greedy, n_samples_per_prompt=1), prompts, reward_fn)
+        g_rewards = _score(await _generate(router, prompts, greedy, 1, cfg.seed), prompts, reward_fn)
         out["eval/greedy"] = sum(r[0] for r in g_rewards) / len(prompts)
         out["eval/greedy_pass"] = sum(r[0] >= cfg.pass_threshold for r in g_rewards) / len(prompts)
     return out

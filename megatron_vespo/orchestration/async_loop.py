@@ -197,6 +197,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                     late_error = f"{type(exc).__name__}: {exc}"
             version += 1
             sm = update_engines(s, engines, version, job.loop.pause_mode)
+            sm.update(s.evaluator.maybe_evaluate(it, engines, s.actor.model))  # held-out, loop.eval_every
             if rank0 and late_error is None:
                 try:
                     ray.get(worker.set_version.remote(version))

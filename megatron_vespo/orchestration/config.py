@@ -42,3 +42,4 @@ class LoopConfig(Section):
     max_inflight_groups: Optional[int] = Field(None, ge=1)
     ray_address: Optional[str] = None
     ray_num_cpus: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0)  # held-out evaluation (eval.*) every this many rollouts and at the end; 0 = off

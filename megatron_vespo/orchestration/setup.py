@@ -83,6 +83,7 @@ class LoopSetup:
     sync: Any
     serve_path: str
     rank0: bool
+    evaluator: Any = None
 
     @property
     def data_state(self) -> dict:
@@ -132,8 +133,11 @@ class LoopSetup:
     def save(self, iteration: int, version: int, data_state: dict) -> None:
         """Collective: checkpoint what is due at ``iteration`` (always the last one when ``save_dir`` is set)."""
         job = self.job
+        state = {"policy_version": version, "data": data_state}
+        if self.evaluator is not None:
+            state["eval_best"] = self.evaluator.state_dict()
         self.ckpt.maybe_save(iteration, self.actor.model, self.actor.optimizer, self.actor.scheduler,
-                             state={"policy_version": version, "data": data_state},
+                             state=state,
                              force=iteration == job.loop.num_rollouts and bool(job.checkpoint.save_dir))
 
 
@@ -171,5 +175,10 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
                              source_dir=job.model.hf_path, engine_tp_size=job.rollout.tp_size)
     fresh_hf = state is None and job.checkpoint.load is None and job.model.hf_path is not None
     serve_path = job.model.hf_path if fresh_hf else str(sync.export(actor.model, version))
+    from megatron_vespo.evaluation.loop import LoopEvaluator
+
+    evaluator = LoopEvaluator(job, out, actor.hf_cfg, None if tok is None else tok.encode, rank0,
+                              best=(state or {}).get("eval_best"))
     return LoopSetup(job=job, out=out, actor=actor, ckpt=ckpt, state=state, start=start, version=version,
-                     dataset=dataset, reward_fn=reward_fn, sync=sync, serve_path=serve_path, rank0=rank0)
+                     dataset=dataset, reward_fn=reward_fn, sync=sync, serve_path=serve_path, rank0=rank0,
+                     evaluator=evaluator)

@@ -5,6 +5,7 @@
         batch   = collate(samples)                         # buffer: group advantages, padding
         actor.train_on_rollout(batch)                      # all ranks: old log-probs once, N updates
         weight_sync.update(actor, version + 1, engines)    # disk / broadcast / CUDA IPC (loop.weight_sync)
+        evaluate(engines) every loop.eval_every rollouts   # held-out avg@k / pass@k, best policy kept
         checkpointer.maybe_save(it, ...)
 
 N = train.rollout_batch_size / train.mini_batch_size updates consume each rollout batch, so the
@@ -58,6 +59,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
             t2 = time.perf_counter()
             version += 1
             smetrics = sync.update(actor.model, version, engines)
+            smetrics.update(s.evaluator.maybe_evaluate(it, engines, actor.model))  # held-out, loop.eval_every
             summary = s.log_iteration(mlog, it, version, updates, {**rmetrics, **smetrics}, t2 - t1,
                                       time.perf_counter() - t0)
             history.append(summary)
