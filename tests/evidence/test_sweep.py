@@ -6,7 +6,16 @@ import pytest
 
 from megatron_vespo.config.base import load_config
 from megatron_vespo.config.job import JobConfig
-from megatron_vespo.evidence.sweep import Cell, Protocol, aggregate, grid, load_done, markdown_table, run_cell, summarize
+from megatron_vespo.evidence.sweep import (
+    Cell,
+    Protocol,
+    aggregate,
+    grid,
+    load_done,
+    markdown_table,
+    run_cell,
+    summarize,
+)
 
 CFG = "examples/configs/tiny_cpu_vespo.yaml"
 
