@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_vespo.evidence.mechanism import MechanismConfig, run_mechanism  # noqa: E402
 
-METRICS = ("cos_of_mean", "cos_mean", "bias_rel", "rel_var", "ess_frac", "log_w_p50", "log_w_p95")
+METRICS = ("cos_of_mean", "cos_mean", "bias_rel", "rel_var", "ess_frac", "khat_mean", "khat_gt_0_7", "log_w_p50",
+           "log_w_p95")
 
 
 def versions() -> dict[str, str]:
@@ -79,6 +80,9 @@ def markdown(summary: list[dict]) -> str:
         lines.append(f"| {loss} | " + " | ".join(cells) + " |")
     ess = [f"{by[k, losses[0]]['ess_frac']:.2f}" for k in ks]
     lines.append("| ESS/B of W | " + " | ".join(ess) + " |")
+    if "khat_mean" in by[ks[0], losses[0]]:
+        khat = [f"{by[k, losses[0]]['khat_mean']:.2f} ({by[k, losses[0]]['khat_gt_0_7']:.0%})" for k in ks]
+        lines.append("| PSIS k-hat of W (share > 0.7) | " + " | ".join(khat) + " |")
     return "\n".join(lines)
 
 

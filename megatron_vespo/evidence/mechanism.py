@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ import torch
 from megatron_vespo.buffer.advantages import group_advantages
 from megatron_vespo.evidence.policies import MoEPolicy, TabularPolicy, token_class_rewards
 from megatron_vespo.losses import compute_policy_loss
+from megatron_vespo.losses.psis import psis_smooth
 from megatron_vespo.rewards import NUM_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -188,7 +190,8 @@ def run_mechanism(cfg: MechanismConfig) -> dict[str, Any]:
 
     One row per (k, loss): ``cos_mean``, ``cos_std`` (single batches), ``cos_of_mean`` and ``bias_rel``
     (the resample-mean gradient against the target), ``rel_var`` (resample variance / squared norm of the
-    mean), ``ess_frac`` (ESS / B of W, mean over resamples), ``log_w_p05/p50/p95/max``.
+    mean), ``ess_frac`` (ESS / B of W, mean over resamples), ``khat_mean`` / ``khat_gt_0_7`` (PSIS's Pareto
+    k-hat of each batch's W: mean, and the fraction of batches above 0.7), ``log_w_p05/p50/p95/max``.
     """
     snapshots, task, traj_reward = train_trajectory(cfg)
     K = len(snapshots) - 1
@@ -209,6 +212,9 @@ def run_mechanism(cfg: MechanismConfig) -> dict[str, Any]:
         lw = torch.cat(log_ws)
         q = torch.quantile(lw, torch.tensor([0.05, 0.5, 0.95], dtype=lw.dtype)).tolist()
         ess = sum(_ess_frac(x) for x in log_ws) / len(log_ws)
+        khats = [psis_smooth(x, torch.ones_like(x, dtype=torch.bool))[1] for x in log_ws]  # per batch
+        finite = [x for x in khats if math.isfinite(x)]  # W = 1 exactly (k = 0) has no tail to fit
+        khat = sum(finite) / len(finite) if finite else float("nan")
         for name, gs in per_loss.items():
             G, ref = torch.stack(gs), g_on[name]
             ref_norm = ref.norm().clamp(min=1e-300)
@@ -218,7 +224,8 @@ def run_mechanism(cfg: MechanismConfig) -> dict[str, Any]:
             rows.append({"k": k, "loss": name, "cos_mean": float(cos.mean()), "cos_std": float(cos.std()),
                          "cos_of_mean": float(torch.nn.functional.cosine_similarity(mean_g, ref, dim=0)),
                          "bias_rel": float((mean_g - ref).norm() / ref_norm), "rel_var": rel_var,
-                         "ess_frac": ess, "log_w_p05": q[0], "log_w_p50": q[1], "log_w_p95": q[2],
+                         "ess_frac": ess, "khat_mean": khat, "khat_gt_0_7": sum(x > 0.7 for x in khats) / len(khats),
+                         "log_w_p05": q[0], "log_w_p50": q[1], "log_w_p95": q[2],
                          "log_w_max": float(lw.max())})
         logger.info("k=%d: ESS/B %.3f, log W p50 %.2f p95 %.2f", k, ess, q[1], q[2])
     return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
