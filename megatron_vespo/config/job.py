@@ -48,6 +48,7 @@ class JobConfig(Section):
             raise ValueError(f"train.rollout_batch_size ({self.train.rollout_batch_size}) must be a multiple "
                              f"of rollout.n_samples_per_prompt ({self.rollout.n_samples_per_prompt}) so "
                              "groups stay whole")
+        self.train.check_optimizer_layout(self.parallel)  # CPU Adam / precision-aware optimizer need the dist. opt.
         from megatron_vespo.fp8.te import check_fp8_job
 
         check_fp8_job(self.fp8, self.model, self.parallel)  # FP8 rules across sections (no GPU needed)

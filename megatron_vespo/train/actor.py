@@ -86,7 +86,9 @@ class MegatronActor:
         if replay and not any(self.moe_pattern):
             raise ConfigError(f"routing.mode={self.routing_cfg.mode} but the model has no MoE layer")
         check_fp8_job(fp8, model_cfg, parallel, self.hf_cfg)  # before the machine check: config errors first
-        overrides = {**fp8_overrides(fp8), **model_cfg.transformer_overrides}
+        layers_per_stage = self.hf_cfg.num_hidden_layers // parallel.pipeline_model_parallel_size
+        overrides = {**fp8_overrides(fp8), **model_cfg.transformer_overrides,
+                     **model_cfg.recompute_fields(layers_per_stage)}
         chunk = build_gpt_model(self.hf_cfg, parallel, params_dtype=model_cfg.params_dtype, routing_replay=replay,
                                 **overrides)
         if init == "layout_invariant":
