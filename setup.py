@@ -31,7 +31,9 @@ EXTRAS = {
     # psutil: megatron-core's dist-checkpoint writer imports it (and hangs without it).
     "megatron": [MEGATRON_CORE, TRANSFORMERS, "safetensors>=0.4", "psutil"],
     # Rollout side: the SGLang engine (GPU) and our HTTP client / embedded server deps.
-    "sglang": ["sglang[all]>=0.5.4", "httpx>=0.27", "pybase64"],
+    # protocol and flags read against sglang 0.5.20-0.5.23 (0.5.23 itself pins transformers==5.19.0,
+    # inside TRANSFORMERS); a 0.6 may change them
+    "sglang": ["sglang[all]>=0.5.4,<0.6", "httpx>=0.27", "pybase64"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", TRANSFORMERS, "pybase64"],
     "ray": ["ray>=2.40"],
     "fp8": ["transformer-engine[pytorch]>=2.4"],

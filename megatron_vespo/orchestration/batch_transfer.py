@@ -78,7 +78,7 @@ def dp_shard_rows(batch_size: int, mini_batch_size: int, dp_size: int, dp_rank: 
 
 
 def _comm_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":  # NCCL moves CUDA tensors only
+    if "nccl" in str(torch.distributed.get_backend()):  # NCCL moves CUDA tensors only
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -9,7 +9,8 @@ Why each range (keep in sync with ``setup.py``):
 * ``transformers >=5.0,<6``: routed-expert capture in the embedded engine hooks
   ``Qwen3MoeTopKRouter`` (``models/qwen3_moe/modeling_qwen3_moe.py``), the router module
   transformers 5 introduced; in 4.x the gate is a plain ``nn.Linear`` without ``top_k``, and
-  ``rope_parameters`` replaced ``rope_theta``.
+  ``rope_parameters`` replaced ``rope_theta``. SGLang 0.5.23 pins ``transformers==5.19.0``, inside
+  this range, so trainer and engine can share one environment.
 
 ``check_versions()`` raises :class:`UnsupportedVersionError` naming the package, the installed
 version and the supported range. Set ``MEGATRON_VESPO_SKIP_VERSION_CHECK=1`` to run anyway

@@ -89,7 +89,27 @@ def _transfer(rank, world_size):
 
 
 def test_dp_ranks_receive_tensors_and_only_their_compact_routes():
-    out = run_distributed(_transfer, 2, timeout=120)
+    _check_transfer(run_distributed(_transfer, 2, timeout=120))
+
+
+def _transfer_nccl(rank, world_size):
+    torch.cuda.set_device(rank)
+    torch.distributed.init_process_group("nccl", rank=rank, world_size=world_size)
+    try:
+        return _transfer(rank, world_size)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_dp_transfer_over_nccl():
+    """The same transfer through NCCL (CUDA staging buffers, byte views of uint8 routes)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _check_transfer(run_distributed(_transfer_nccl, 2, timeout=300, init_gloo=False))
+
+
+def _check_transfer(out):
     full_int64 = B * S * L * K * 8
     for rank, r in enumerate(out):
         assert r["state"] == {"pos": 3}
