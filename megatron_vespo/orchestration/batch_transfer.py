@@ -90,18 +90,19 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 def _broadcast_fields(batch: Optional[TrainBatch], spec: list, device: torch.device) -> dict[str, torch.Tensor]:
     """Step 2: the full fields as one byte buffer from rank 0."""
     sizes = [int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in spec]
+    last_stats["fields_bytes"] = sum(sizes)
+    if batch is not None and torch.distributed.get_world_size() == 1:
+        return {name: getattr(batch, name) for name, _, _ in spec}
     if batch is not None:
         buf = torch.cat([_as_bytes(getattr(batch, name)) for name, _, _ in spec]).to(device)
     else:
         buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
-    if torch.distributed.get_world_size() > 1:
-        torch.distributed.broadcast(buf, src=0)
+    torch.distributed.broadcast(buf, src=0)
     buf = buf.cpu()
     out, off = {}, 0
     for (name, shape, dtype), n in zip(spec, sizes):
         out[name] = buf[off:off + n].view(dtype).reshape(shape).clone() if batch is None else getattr(batch, name)
         off += n
-    last_stats["fields_bytes"] = sum(sizes)
     return out
 
 
@@ -112,7 +113,7 @@ def _transfer_routes(compact: Optional[torch.Tensor], shape: tuple, dtype: torch
     b = shape[0]
     mine = dp_shard_rows(b, layout.mini_batch_size, layout.dp_size, layout.dp_rank)
     if compact is not None:  # rank 0 holds everything: keep its own shard
-        return RouteRows(mine, compact[mine].clone(), b)
+        return RouteRows(mine, compact[mine], b)  # advanced indexing copies: the full tensor can go
     per, row_shape = mine.numel(), tuple(shape[1:])
     data = torch.empty((per, *row_shape), dtype=dtype)
     leader = layout.replica_group is None or dist.get_rank(layout.replica_group) == 0

@@ -37,17 +37,25 @@ def compact_dtype(max_id: int) -> torch.dtype:
     raise ValueError(f"expert id {max_id} does not fit int32")
 
 
-def encode_routes(routes: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """int64 routes (``NO_ROUTE`` = -1) -> compact ``dtype`` (default: :func:`compact_dtype` of the max id)."""
+def encode_routes(routes: torch.Tensor, dtype: Optional[torch.dtype] = None, rows_per_chunk: int = 16) -> torch.Tensor:
+    """int64 routes (``NO_ROUTE`` = -1) -> compact ``dtype`` (default: :func:`compact_dtype` of the max id).
+
+    Converted ``rows_per_chunk`` rows at a time, so the only full-size allocation is the
+    compact result (a whole-tensor ``where`` would briefly double the int64 routes).
+    """
     if dtype is None:
         dtype = compact_dtype(int(routes.max()) if routes.numel() else 0)
-    if bool((routes < NO_ROUTE).any()):
-        raise ValueError(f"routes hold ids below NO_ROUTE ({NO_ROUTE}): {int(routes.min())}")
-    if dtype == torch.uint8:
-        if routes.numel() and int(routes.max()) >= _UINT8_NONE:
-            raise ValueError(f"expert id {int(routes.max())} does not fit uint8 routes (max {_UINT8_NONE - 1})")
-        return torch.where(routes == NO_ROUTE, torch.full_like(routes, _UINT8_NONE), routes).to(torch.uint8)
-    return routes.to(dtype)
+    out = torch.empty(routes.shape, dtype=dtype, device=routes.device)
+    for start in range(0, routes.shape[0], rows_per_chunk):
+        r = routes[start:start + rows_per_chunk]
+        if r.numel() and int(r.min()) < NO_ROUTE:
+            raise ValueError(f"routes hold ids below NO_ROUTE ({NO_ROUTE}): {int(r.min())}")
+        if dtype == torch.uint8:
+            if r.numel() and int(r.max()) >= _UINT8_NONE:
+                raise ValueError(f"expert id {int(r.max())} does not fit uint8 routes (max {_UINT8_NONE - 1})")
+            r = torch.where(r == NO_ROUTE, torch.full_like(r, _UINT8_NONE), r)
+        out[start:start + rows_per_chunk] = r.to(dtype)
+    return out
 
 
 def decode_routes(compact: torch.Tensor) -> torch.Tensor:
