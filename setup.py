@@ -1,12 +1,20 @@
-"""Packaging for megatron_vespo (setup.py, as users of Megatron forks expect)."""
+"""Packaging for megatron_vespo (setup.py, as users of Megatron forks expect).
+
+Tested ranges (``megatron_vespo/utils/versions.py`` checks them at start-up and says why each
+bound is there): megatron-core 0.16.x (``compat/cpu.py`` patches 0.16.1 internals by line) and
+transformers 5.x (route capture hooks transformers 5's ``Qwen3MoeTopKRouter``).
+"""
 
 from setuptools import find_packages, setup
 
+MEGATRON_CORE = "megatron-core>=0.16.1,<0.17"
+TRANSFORMERS = "transformers>=5.0,<6"
+
 CPU_EXTRAS = [
-    "megatron-core>=0.16.1",
+    MEGATRON_CORE,
     "psutil",
     "pybase64",
-    "transformers>=4.57",
+    TRANSFORMERS,
     "safetensors>=0.4",
     "fastapi>=0.110",
     "uvicorn>=0.29",
@@ -19,12 +27,14 @@ CPU_EXTRAS = [
 ]
 
 EXTRAS = {
-    # Megatron-Core trainer. CI pins 0.16.1 (the newest release for Python 3.11).
+    # Megatron-Core trainer, tested on 0.16.1 (the newest release for Python 3.11).
     # psutil: megatron-core's dist-checkpoint writer imports it (and hangs without it).
-    "megatron": ["megatron-core>=0.16.1", "transformers>=4.57", "safetensors>=0.4", "psutil"],
+    "megatron": [MEGATRON_CORE, TRANSFORMERS, "safetensors>=0.4", "psutil"],
     # Rollout side: the SGLang engine (GPU) and our HTTP client / embedded server deps.
-    "sglang": ["sglang[all]>=0.5.4", "httpx>=0.27", "pybase64"],
-    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "transformers>=4.57", "pybase64"],
+    # protocol and flags read against sglang 0.5.20-0.5.23 (0.5.23 itself pins transformers==5.19.0,
+    # inside TRANSFORMERS); a 0.6 may change them
+    "sglang": ["sglang[all]>=0.5.4,<0.6", "httpx>=0.27", "pybase64"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", TRANSFORMERS, "pybase64"],
     "ray": ["ray>=2.40"],
     "fp8": ["transformer-engine[pytorch]>=2.4"],
     "apex": ["apex"],

@@ -8,6 +8,21 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def pytest_sessionstart(session):
+    """Fail the run when megatron-core or transformers is installed but does not import.
+
+    ~60 tests guard themselves with ``pytest.importorskip("megatron.core")``; a broken install
+    (wrong torch, missing dependency) would otherwise turn them all into silent skips.
+    Packages that are genuinely absent still skip.
+    """
+    from megatron_vespo.utils.versions import broken_installs
+
+    broken = broken_installs()
+    if broken:
+        raise pytest.UsageError("installed but not importable (fix the environment; tests would silently skip): "
+                                + "; ".join(f"{k}: {v}" for k, v in broken.items()))
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip ``@pytest.mark.gpu`` tests when no CUDA device is present, saying why."""
     if torch.cuda.is_available():

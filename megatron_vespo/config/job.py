@@ -55,6 +55,7 @@ class JobConfig(Section):
             raise ValueError("loss.rollout_is weights pi_old / mu_rollout are exactly 1 when "
                              "train.old_log_prob_source=rollout (pi_old is the rollout's mu): use "
                              "old_log_prob_source=recompute with loss.rollout_is, or disable loss.rollout_is")
+        self.train.check_optimizer_layout(self.parallel)  # CPU Adam / precision-aware optimizer need the dist. opt.
         from megatron_vespo.fp8.te import check_fp8_job
 
         check_fp8_job(self.fp8, self.model, self.parallel)  # FP8 rules across sections (no GPU needed)

@@ -310,4 +310,5 @@ def build_model_from_config(model_cfg: ModelConfig, parallel: ParallelConfig, *,
                             **overrides: Any) -> Any:
     """``build_gpt_model(get_hf_config(model_cfg), parallel, ...)`` with the config's dtype."""
     return build_gpt_model(get_hf_config(model_cfg), parallel, params_dtype=model_cfg.params_dtype,
-                           routing_replay=routing_replay, **{**model_cfg.transformer_overrides, **overrides})
+                           routing_replay=routing_replay, **{**model_cfg.transformer_overrides,
+                                                             **model_cfg.recompute_fields(), **overrides})

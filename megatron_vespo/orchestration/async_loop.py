@@ -184,7 +184,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                 except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                     error = f"{type(exc).__name__}: {exc}"
                     logger.exception("rollout %d failed", it)
-            batch, _ = broadcast_from_rank0(batch, None, error)
+            batch, _ = broadcast_from_rank0(batch, None, error, actor=s.actor)
             t1 = time.perf_counter()
             updates = s.actor.train_on_rollout(batch)
             t2 = time.perf_counter()

@@ -47,15 +47,20 @@ def raise_if_interrupted(exc: BaseException) -> None:
         cur = cur.__cause__ or cur.__context__
 
 
-def broadcast_from_rank0(batch: Any, data_state: Optional[dict], error: Optional[str]) -> tuple[Any, dict]:
-    """Send rank 0's batch and data position (or its error) to every rank; raise everywhere if rank 0 failed."""
-    payload = [(batch, data_state, error)]
-    if torch.distributed.get_world_size() > 1:
-        torch.distributed.broadcast_object_list(payload, src=0)
-    batch, data_state, error = payload[0]
-    if error is not None:
-        raise RuntimeError(f"rollout failed on rank 0: {error}")
-    return batch, data_state
+def broadcast_from_rank0(batch: Any, data_state: Optional[dict], error: Optional[str], *, actor: Any = None,
+                         layout: Any = None) -> tuple[Any, dict]:
+    """Send rank 0's batch and data position (or its error) to every rank; raise everywhere if rank 0 failed.
+
+    The batch travels as tensors with compact routes (``orchestration/batch_transfer.py``); with
+    ``actor`` (or an explicit ``BatchLayout``) each data-parallel rank receives only the routes
+    of the rows it trains on, and rank 0 validates the whole batch with the actor first.
+    """
+    from megatron_vespo.orchestration.batch_transfer import BatchLayout, broadcast_batch
+
+    if layout is None and actor is not None:
+        layout = BatchLayout.from_actor(actor)
+    return broadcast_batch(batch, data_state, error, layout,
+                           validate=None if actor is None else actor.validate_batch)
 
 
 def load_tokenizer(hf_path: Optional[str]) -> Any:

@@ -52,7 +52,8 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
                     error = f"{type(exc).__name__}: {exc}"
                     logger.exception("rollout %d failed", it)
             # every rank keeps rank 0's data position (it is saved in checkpoints)
-            batch, data_state = broadcast_from_rank0(batch, dataset.state_dict() if rank0 else None, error)
+            batch, data_state = broadcast_from_rank0(batch, dataset.state_dict() if rank0 else None, error,
+                                                    actor=actor)
             dataset.load_state_dict(data_state)
             t1 = time.perf_counter()
             updates = actor.train_on_rollout(batch)

@@ -24,6 +24,7 @@ the last update). Metrics are computed on the whole mini-batch (``metrics.update
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Optional
@@ -37,9 +38,10 @@ from megatron_vespo.losses import compute_policy_loss, compute_rollout_is_weight
 from megatron_vespo.losses.config import LossConfig
 from megatron_vespo.models.config import ModelConfig
 from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config, moe_layer_pattern
+from megatron_vespo.routing.compact import validate_routes
 from megatron_vespo.routing.config import RoutingReplayConfig
 from megatron_vespo.routing.replay import RoutingReplay
-from megatron_vespo.routing.routes import NO_ROUTE, validate_batch_routes
+from megatron_vespo.routing.routes import NO_ROUTE
 from megatron_vespo.train import batching
 from megatron_vespo.train.config import ParallelConfig, TrainConfig
 from megatron_vespo.train.forward import forward_log_probs, run_schedule
@@ -86,7 +88,9 @@ class MegatronActor:
         if replay and not any(self.moe_pattern):
             raise ConfigError(f"routing.mode={self.routing_cfg.mode} but the model has no MoE layer")
         check_fp8_job(fp8, model_cfg, parallel, self.hf_cfg)  # before the machine check: config errors first
-        overrides = {**fp8_overrides(fp8), **model_cfg.transformer_overrides}
+        layers_per_stage = self.hf_cfg.num_hidden_layers // parallel.pipeline_model_parallel_size
+        overrides = {**fp8_overrides(fp8), **model_cfg.transformer_overrides,
+                     **model_cfg.recompute_fields(layers_per_stage)}
         chunk = build_gpt_model(self.hf_cfg, parallel, params_dtype=model_cfg.params_dtype, routing_replay=replay,
                                 **overrides)
         if init == "layout_invariant":
@@ -125,14 +129,22 @@ class MegatronActor:
             batch, rows, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size, micro_batch_size=micro_batch_size,
             seq_multiple=self.seq_multiple, device=self.info.device, old_log_prob=old_log_prob, routes=routes)
 
+    def validate_batch(self, batch: TrainBatch) -> None:
+        """Raise ValueError naming the field when ``train_on_rollout`` cannot train on ``batch``.
+
+        ``batch.routed_experts`` may be the full [B, S, L, K] tensor or this rank's
+        ``RouteRows`` (``orchestration/batch_transfer.py``); only the rows held are checked.
+        """
+        self._validate(batch)
+
     def _validate(self, batch: TrainBatch) -> None:
         batching.validate_train_batch(batch, self.train_cfg.rollout_batch_size)
         if self.routing_cfg.mode == "R3":
             if batch.routed_experts is None:
                 raise ValueError("routing.mode=R3 needs TrainBatch.routed_experts (rollout.return_routed_experts)")
-            validate_batch_routes(batch.routed_experts, batch.attention_lengths,
-                                  num_moe_layers=sum(self.moe_pattern), topk=self.hf_cfg.num_experts_per_tok,
-                                  num_experts=self.hf_cfg.num_experts)
+            validate_routes(batch.routed_experts, batch.attention_lengths,
+                            num_moe_layers=sum(self.moe_pattern), topk=self.hf_cfg.num_experts_per_tok,
+                            num_experts=self.hf_cfg.num_experts)
         if self.train_cfg.old_log_prob_source == "rollout" and batch.rollout_log_probs is None:
             raise ValueError("train.old_log_prob_source=rollout needs TrainBatch.rollout_log_probs")
 
@@ -265,8 +277,9 @@ class MegatronActor:
         spec = get_loss(lc.name)
         if spec.reduction == "groups":
             all_mbs = []
+            no_routes = dataclasses.replace(sub, routed_experts=None)  # other ranks' routes are not held here
             for d in range(self.info.dp_size):
-                all_mbs += batching.rank_micro_batches(sub, rows, dp_rank=d, dp_size=self.info.dp_size,
+                all_mbs += batching.rank_micro_batches(no_routes, rows, dp_rank=d, dp_size=self.info.dp_size,
                                                        micro_batch_size=tc.micro_batch_size)
             batching.check_groups_whole(batch.group_index, all_mbs, lc.name)
         gi = None if batch.group_index is None else batch.group_index[rows]

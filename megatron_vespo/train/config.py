@@ -74,6 +74,14 @@ class TrainConfig(Section):
     old_log_prob_source: Literal["recompute", "rollout"] = "recompute"
     train_iters: int = Field(1, ge=1)
     seed: int = 1234
+    # memory (megatron-core 0.16.1 OptimizerConfig fields, optimizer/optimizer_config.py):
+    # CPU Adam keeps fp32 main weights and Adam moments of `optimizer_offload_fraction` of the
+    # parameters in host memory and steps them there (HybridDeviceOptimizer); the precision-aware
+    # optimizer lets the Adam kernel own main weights / moments. slime's Qwen3-30B-A3B recipe on
+    # 8 x H100 turns on both.
+    optimizer_cpu_offload: bool = False
+    optimizer_offload_fraction: float = Field(1.0, ge=0.0, le=1.0)  # Megatron-LM's CLI default (the dataclass has 0)
+    use_precision_aware_optimizer: bool = False
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":
@@ -86,7 +94,24 @@ class TrainConfig(Section):
         if self.mini_batch_size % self.micro_batch_size:
             raise ValueError(f"train.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")
+        if self.optimizer_offload_fraction != 1.0 and not self.optimizer_cpu_offload:
+            raise ValueError("train.optimizer_offload_fraction is set but train.optimizer_cpu_offload is false: "
+                             "set train.optimizer_cpu_offload=true (or drop the fraction)")
         return self
+
+    def check_optimizer_layout(self, parallel: "ParallelConfig") -> None:
+        """ConfigError for optimizer memory options the layout cannot run (Megatron would assert).
+
+        megatron-core 0.16.1 ``OptimizerConfig.__post_init__`` asserts the precision-aware optimizer
+        runs under the distributed optimizer, and CPU offload is only wired through
+        ``DistributedOptimizer`` (``distrib_optimizer.py`` ``HybridDeviceOptimizer`` branches).
+        """
+        from megatron_vespo.config.base import ConfigError
+
+        for name in ("use_precision_aware_optimizer", "optimizer_cpu_offload"):
+            if getattr(self, name) and not parallel.use_distributed_optimizer:
+                raise ConfigError(f"train.{name} needs the distributed optimizer: set "
+                                  "parallel.use_distributed_optimizer=true")
 
     @property
     def staleness(self) -> int:

@@ -47,7 +47,11 @@ def build_optimizer(model_chunks: list[torch.nn.Module], train: TrainConfig, par
 
     tf_config = model_chunks[0].config
     fp8_params = bool(fp8_ddp_kwargs(fp8).get("fp8_param_gather"))
-    use_dist_opt = bool(parallel.use_distributed_optimizer and (dp_size > 1 or fp8_params))
+    train.check_optimizer_layout(parallel)
+    # the precision-aware optimizer and CPU offload run inside DistributedOptimizer, so it is used
+    # even at DP 1 (where it shards nothing) when they are on
+    memory_opts = train.use_precision_aware_optimizer or train.optimizer_cpu_offload
+    use_dist_opt = bool(parallel.use_distributed_optimizer and (dp_size > 1 or fp8_params or memory_opts))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,  # overlap needs CUDA streams; the gain on small steps is nil
@@ -74,6 +78,7 @@ def build_optimizer(model_chunks: list[torch.nn.Module], train: TrainConfig, par
         bf16=tf_config.bf16,
         fp16=tf_config.fp16,
         params_dtype=tf_config.params_dtype,
+        **memory_optimizer_kwargs(train),
         **fp8_optimizer_kwargs(fp8),
     )
     optimizer = get_megatron_optimizer(opt_config, wrapped)
@@ -101,6 +106,35 @@ def build_optimizer(model_chunks: list[torch.nn.Module], train: TrainConfig, par
         wd_incr_style="constant",
     )
     return OptimizerBundle(model=wrapped, optimizer=optimizer, scheduler=scheduler, total_updates=total)
+
+
+def memory_optimizer_kwargs(train: TrainConfig) -> dict[str, Any]:
+    """``OptimizerConfig`` fields for CPU Adam and the precision-aware optimizer (megatron-core 0.16.1).
+
+    Raises ConfigError when the precision-aware optimizer is asked for without Transformer
+    Engine: megatron-core 0.16.1 ``OptimizerConfig.__post_init__`` reads TE's version
+    (``is_te_min_version``, a TypeError without TE) and, without CPU offload, needs TE's
+    ``FusedAdam``; the error would otherwise come from deep inside Megatron.
+    """
+    from megatron_vespo.config.base import ConfigError
+    from megatron_vespo.utils.imports import is_available
+
+    kw: dict[str, Any] = {"use_precision_aware_optimizer": train.use_precision_aware_optimizer}
+    if train.use_precision_aware_optimizer and not is_available("transformer_engine.pytorch.optimizers"):
+        raise ConfigError("train.use_precision_aware_optimizer needs Transformer Engine (GPU; pip install "
+                          "'megatron_vespo[fp8]'): set it to false on machines without TE")
+    if train.optimizer_cpu_offload:
+        cuda = torch.cuda.is_available()
+        kw.update(
+            optimizer_cpu_offload=True,
+            optimizer_offload_fraction=train.optimizer_offload_fraction,
+            # overlap the D2H grad copy / CPU step / H2D param copy (slime's recipe); both need CUDA
+            # streams and pinned memory, so they are off on a CPU-only machine
+            overlap_cpu_optimizer_d2h_h2d=cuda,
+            pin_cpu_grads=cuda,
+            pin_cpu_params=cuda,
+        )
+    return kw
 
 
 def current_lr(optimizer: Any) -> float:

@@ -80,6 +80,10 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, *, backend: Option
     require("megatron.core", "the Megatron actor")
     from megatron.core import parallel_state
 
+    from megatron_vespo.utils.versions import check_versions
+
+    check_versions()  # megatron-core / transformers outside the tested ranges: say so before any patching
+
     from megatron_vespo.compat.cpu import apply_cpu_compat
 
     backend = backend or default_backend()

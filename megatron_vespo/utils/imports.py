@@ -12,9 +12,9 @@ from types import ModuleType
 
 #: module name -> the pip command that provides it
 INSTALL_HINTS = {
-    "megatron": "pip install 'megatron_vespo[megatron]'  (megatron-core>=0.16.1)",
-    "megatron.core": "pip install 'megatron_vespo[megatron]'  (megatron-core>=0.16.1)",
-    "transformers": "pip install 'megatron_vespo[megatron]'  (transformers)",
+    "megatron": "pip install 'megatron_vespo[megatron]'  (megatron-core>=0.16.1,<0.17)",
+    "megatron.core": "pip install 'megatron_vespo[megatron]'  (megatron-core>=0.16.1,<0.17)",
+    "transformers": "pip install 'megatron_vespo[megatron]'  (transformers>=5.0,<6)",
     "safetensors": "pip install 'megatron_vespo[megatron]'  (safetensors)",
     "transformer_engine": "pip install 'megatron_vespo[fp8]'  (needs CUDA + cuDNN)",
     "sglang": "pip install 'megatron_vespo[sglang]'  (needs CUDA GPUs)",

@@ -16,9 +16,23 @@ ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "examples" / "slurm"
 
 SRUN = """#!/bin/bash
-# fake srun: record the command shell-quoted (shlex.split gives back the exact argv) and exit
+# fake srun: record the command shell-quoted (shlex.split gives back the exact argv) and the environment
+# a real step would inherit, then behave like the step: the YAML helper really runs, an SGLang server
+# keeps running until stopped (or dies after FAKE_ENGINE_EXIT is set), the trainer runs FAKE_TRAIN_S s
 printf '%q ' "$@" >> "$FAKE_LOG"
 echo >> "$FAKE_LOG"
+echo "CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-}\
+ GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-}" >> "$FAKE_LOG.env"
+case "$*" in
+  *megatron_vespo.orchestration.slurm_env*)
+    while [[ "$1" != python ]]; do shift; done
+    exec "$@";;
+  *sglang.launch_server*)
+    if [[ -n "${FAKE_ENGINE_EXIT:-}" ]]; then sleep 0.5; exit "$FAKE_ENGINE_EXIT"; fi
+    exec sleep 300;;
+  *"megatron_vespo.cli train"*)
+    exec sleep "${FAKE_TRAIN_S:-0}";;
+esac
 """
 SCONTROL = """#!/bin/bash
 printf 'node1\\nnode2\\nnode3\\n'
@@ -33,11 +47,25 @@ def fake_slurm(tmp_path):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
     knobs = ("MASTER_PORT", "CONFIG", "HF_MODEL", "ROLLOUT_NODES", "ENGINES_PER_NODE", "ROLLOUT_TP", "EXTRA_ARGS",
-             "OUTPUT_DIR", "GPUS_PER_NODE", "SGLANG_PORT", "TP", "EP", "PP", "NPROC", "OUT", "VERIFY")
+             "OUTPUT_DIR", "GPUS_PER_NODE", "SGLANG_PORT", "TP", "EP", "PP", "NPROC", "OUT", "VERIFY",
+             "CONTAINER_IMAGE", "CONTAINER_MOUNTS", "SOCKET_IFNAME", "HEAD_IP", "DRY_RUN", "CPUS_PER_TASK",
+             "SLURM_CPUS_PER_TASK", "LIVENESS_INTERVAL", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
+             "CUDA_DEVICE_MAX_CONNECTIONS")
     env = {k: v for k, v in os.environ.items() if k not in knobs}
     env = {**env, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "FAKE_LOG": str(tmp_path / "srun.log"), "SLURM_JOB_NODELIST": "node[1-3]", "SLURM_JOB_ID": "42"}
+           "FAKE_LOG": str(tmp_path / "srun.log"), "SLURM_JOB_NODELIST": "node[1-3]", "SLURM_JOB_ID": "42",
+           "CONFIG": str(ROOT / "examples" / "configs" / "qwen3_30b_a3b_vespo_ep8.yaml"), "LIVENESS_INTERVAL": "0.2",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return env, tmp_path
+
+
+def _run(script, env, tmp, timeout=120):
+    return subprocess.run(["bash", str(SLURM / script)], env=env, cwd=tmp, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _srun_lines(tmp):
+    return [shlex.split(ln) for ln in (tmp / "srun.log").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("script", sorted(SLURM.glob("*.sbatch")), ids=lambda p: p.name)
@@ -59,6 +87,10 @@ def test_train_script_builds_engines_and_a_valid_trainer_command(fake_slurm):
     assert "CUDA_VISIBLE_DEVICES=0,1,2,3" in engines[0] and "--port 30000" in engines[0]
     assert "CUDA_VISIBLE_DEVICES=4,5,6,7" in engines[1] and "--port 30010" in engines[1]
     assert all("--enable-return-routed-experts" in e and "--nodelist node1" in e for e in engines)
+    # the YAML's rollout.server_args and tp_size reach the engines
+    assert all("--mem-fraction-static 0.7" in e and "--tp-size 4" in e for e in engines)
+    envs = (tmp / "srun.log.env").read_text().splitlines()
+    assert envs and all("CUDA_DEVICE_MAX_CONNECTIONS=1" in e for e in envs)
     trainer = [ln for ln in lines if "megatron_vespo.cli train" in ln]
     assert len(trainer) == 1
     args = shlex.split(trainer[0])
@@ -98,3 +130,61 @@ def test_convert_script_builds_the_convert_command(fake_slurm):
 
     ns = build_parser().parse_args(tail)
     assert (ns.tp, ns.ep, ns.hf_dir, ns.out) == (2, 4, "/models/hf", "/ckpt/out")
+
+
+def test_train_script_container_network_and_yaml_overrides(fake_slurm):
+    env, tmp = fake_slurm
+    env.update(CONTAINER_IMAGE="/images/mv.sqsh", CONTAINER_MOUNTS="/models:/models", SOCKET_IFNAME="ib0",
+               HEAD_IP="10.0.0.2", EXTRA_ARGS="--set rollout.server_args.mem_fraction_static=0.6")
+    proc = _run("train_qwen3_30b_a3b.sbatch", env, tmp)
+    assert proc.returncode == 0, proc.stderr
+    lines = _srun_lines(tmp)
+    assert len(lines) == 4  # YAML helper, 2 engines, trainer
+    for args in lines:  # every step runs in the container
+        assert "--container-image=/images/mv.sqsh" in args and "--container-mounts=/models:/models" in args
+    engines = [a for a in lines if "sglang.launch_server" in a]
+    assert all(a[a.index("--mem-fraction-static") + 1] == "0.6" for a in engines)  # EXTRA_ARGS reach engines too
+    (trainer,) = [a for a in lines if "train" in a and "megatron_vespo.cli" in a]
+    assert trainer[trainer.index("--rdzv-endpoint") + 1] == "10.0.0.2:29500"
+    assert trainer[trainer.index("--cpus-per-task") + 1] == "64"
+    envs = (tmp / "srun.log.env").read_text()
+    assert "NCCL_SOCKET_IFNAME=ib0" in envs and "GLOO_SOCKET_IFNAME=ib0" in envs
+
+
+def test_train_script_fails_the_job_when_an_engine_dies(fake_slurm):
+    env, tmp = fake_slurm
+    env.update(FAKE_ENGINE_EXIT="3", FAKE_TRAIN_S="60")
+    proc = _run("train_qwen3_30b_a3b.sbatch", env, tmp, timeout=50)  # the 60 s trainer must not be waited for
+    assert proc.returncode == 1
+    assert "SGLang engine node1:300" in proc.stderr and "exited while the trainer was running" in proc.stderr
+
+
+def test_train_script_dry_run_prints_every_step_and_starts_nothing(fake_slurm):
+    env, tmp = fake_slurm
+    env.update(DRY_RUN="1")
+    proc = _run("train_qwen3_30b_a3b.sbatch", env, tmp)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp / "srun.log").exists()  # no srun at all
+    out = proc.stdout
+    assert "[dry-run] engine on node1 GPUs 0,1,2,3 port 30000" in out
+    assert "[dry-run] engine on node1 GPUs 4,5,6,7 port 30010" in out
+    assert "[dry-run] trainer on node2,node3, GPUs 0-7 of each, rendezvous node2:29500" in out
+    srun_lines = [shlex.split(ln) for ln in out.splitlines() if ln.startswith("  srun")]
+    assert len(srun_lines) == 3 and all("--nodelist" in a for a in srun_lines)
+
+
+def test_train_script_stops_on_a_bad_yaml_before_starting_engines(fake_slurm):
+    env, tmp = fake_slurm
+    env.update(EXTRA_ARGS="--set train.lr=-1")
+    proc = _run("train_qwen3_30b_a3b.sbatch", env, tmp)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr
+    assert not any("sglang.launch_server" in a for a in _srun_lines(tmp))
+
+
+def test_convert_script_dry_run_and_container(fake_slurm):
+    env, tmp = fake_slurm
+    env.update(HF_DIR="/models/hf", OUT="/ckpt/out", TP="4", EP="8", DRY_RUN="1", CONTAINER_IMAGE="img.sqsh")
+    proc = _run("convert_checkpoint.sbatch", env, tmp)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp / "srun.log").exists()
+    assert "[dry-run] convert on 1 node, GPUs 0-7" in proc.stdout and "--container-image=img.sqsh" in proc.stdout
