@@ -224,7 +224,8 @@ def run_mechanism(cfg: MechanismConfig) -> dict[str, Any]:
             rows.append({"k": k, "loss": name, "cos_mean": float(cos.mean()), "cos_std": float(cos.std()),
                          "cos_of_mean": float(torch.nn.functional.cosine_similarity(mean_g, ref, dim=0)),
                          "bias_rel": float((mean_g - ref).norm() / ref_norm), "rel_var": rel_var,
-                         "ess_frac": ess, "khat_mean": khat, "khat_gt_0_7": sum(x > 0.7 for x in finite) / max(len(finite), 1),
+                         "ess_frac": ess, "khat_mean": khat,
+                         "khat_gt_0_7": sum(x > 0.7 for x in finite) / max(len(finite), 1),
                          "log_w_p05": q[0], "log_w_p50": q[1], "log_w_p95": q[2],
                          "log_w_max": float(lw.max())})
         logger.info("k=%d: ESS/B %.3f, log W p50 %.2f p95 %.2f", k, ess, q[1], q[2])
