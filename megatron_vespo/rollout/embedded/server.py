@@ -259,6 +259,7 @@ def start_embedded_server(model_path: Optional[str] = None, *, preset: Optional[
         port = port or find_free_port(host)
         log = log_path or os.path.join(tempfile.mkdtemp(prefix="mv_embedded_"), f"server_{port}.log")
         cmd = [sys.executable, "-m", "megatron_vespo.rollout.embedded.server", "--host", host, "--port", str(port),
+               "--parent-pid", str(os.getpid()),
                *_engine_args(model_path, preset, seed, dtype, random_seed, max_batch_size, weight_version)]
         proc = ServerProcess(cmd, f"http://{host}:{port}", log, env=env).start()
         proc.wait_healthy(startup_timeout_s, interval_s=0.2)
@@ -304,6 +305,25 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-seed", type=int, default=0, help="seed for requests without sampling_seed")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--weight-version", default="default")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process (the run that started the server) is gone")
+
+
+def watch_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
+    """Exit this process (code 1) once ``parent_pid`` is no longer our parent (it died; we were reparented).
+
+    A second line behind the parent-death signal set by ``ServerProcess``: that signal is tied
+    to the thread that forked us, this watch to the process.
+    """
+    def run() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        logger.error("parent process %d is gone: embedded server exiting", parent_pid)
+        logging.shutdown()
+        os._exit(1)  # no graceful drain: the run that wanted these answers is dead
+    thread = threading.Thread(target=run, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -322,6 +342,8 @@ def serve(args: argparse.Namespace) -> int:
     uvicorn = require("uvicorn", "the embedded rollout server")
     if args.model_path and not Path(args.model_path, "config.json").is_file():
         raise ValueError(f"--model-path {args.model_path}: no config.json there")
+    if getattr(args, "parent_pid", None):
+        watch_parent(args.parent_pid)
     _check_port_free(args.host, args.port)  # before the model loads, and before announcing a URL
     kw = dict(random_seed=args.random_seed, max_batch_size=args.max_batch_size, weight_version=args.weight_version)
     engine = (EmbeddedEngine.from_pretrained(args.model_path, args.dtype, **kw) if args.model_path
