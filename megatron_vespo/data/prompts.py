@@ -137,6 +137,25 @@ def load_jsonl_prompts(path: str | Path, prompt_key: str, label_key: str,
     return prompts
 
 
+def check_context_length(cfg: DataConfig, max_new_tokens: int, max_position_embeddings: int,
+                         model_source: str = "the model") -> None:
+    """Refuse ``data.max_prompt_len + rollout.sampling.max_new_tokens`` beyond the model's context.
+
+    Checked before the engines start: otherwise every request of the first rollout is refused
+    by the engine (SGLang and the embedded engine answer 400 when prompt + ``max_new_tokens``
+    exceeds the context length). Synthetic prompts are at most 8 tokens long.
+    """
+    prompt_len = min(cfg.max_prompt_len, 8) if cfg.source == "synthetic" else cfg.max_prompt_len
+    if prompt_len + max_new_tokens > max_position_embeddings:
+        from megatron_vespo.config.base import ConfigError
+
+        raise ConfigError(f"prompt ({'synthetic: ' if cfg.source == 'synthetic' else ''}data.max_prompt_len "
+                          f"{prompt_len}) + rollout.sampling.max_new_tokens {max_new_tokens} = "
+                          f"{prompt_len + max_new_tokens} tokens exceeds max_position_embeddings "
+                          f"{max_position_embeddings} of {model_source}: lower rollout.sampling.max_new_tokens "
+                          "or data.max_prompt_len")
+
+
 class PromptDataset:
     """Seeded, epoch-shuffled batches of prompts with a resumable position."""
 
