@@ -109,8 +109,9 @@ def parse_generate(body: Any, *, vocab_size: int, max_len: int,
     batched = bool(ids) and isinstance(ids[0], list)
     prompts = ids if batched else [ids]
     n = len(prompts)
-    if isinstance(req.sampling_params, list) and not batched and len(req.sampling_params) != 1:
-        raise ValueError(f"sampling_params is a list of {len(req.sampling_params)} but the request has one prompt")
+    if isinstance(req.sampling_params, list) and not batched:  # SGLang: SamplingParams(**a list) fails too
+        raise ValueError("sampling_params must be an object for a single prompt (a list needs a batch of prompts, "
+                         "one entry each)")
     sps = _per_prompt(req.sampling_params if req.sampling_params is not None else SamplingParamsIn(), n,
                       "sampling_params")
     raw_sps = _per_prompt(body.get("sampling_params") or {}, n, "sampling_params")

@@ -6,7 +6,8 @@ request failing the batch it was scheduled with. Types and ranges follow SGLang:
 
 * ``/generate``: ``GenerateReqInput`` (sglang 0.5.x ``srt/managers/io_struct.py``: ``input_ids``
   ``List[int] | List[List[int]]``, ``sampling_params`` ``Dict | List[Dict]`` with one entry per
-  prompt, ``rid`` ``str | List[str]``, per-prompt lists for ``return_logprob`` /
+  prompt, ``rid`` ``str | List[str]`` with one entry per prompt (``_normalize_rid``: "The
+  specified rids length mismatch"), per-prompt lists for ``return_logprob`` /
   ``logprob_start_len``) and ``SamplingParams`` (``srt/sampling/sampling_params.py``, commit
   00c17ca: typed msgspec fields, ``verify()`` requires a finite ``temperature >= 0``, ``top_p``
   in (0, 1], ``top_k`` -1 or >= 1, ``max_new_tokens >= 0``, ``min_p`` in [0, 1], penalties in
