@@ -77,3 +77,35 @@ def test_engines_die_with_a_killed_parent_and_free_their_ports(tmp_path, kind):
         for s in servers:  # only the pids this test started
             if _alive(s["pid"]):
                 os.killpg(s["pid"], signal.SIGKILL)
+
+
+CHILD = ("import os, sys, time; from megatron_vespo.rollout.embedded.guards import watch_parent; "
+         "watch_parent(os.getppid(), interval_s=0.1); open(sys.argv[1], 'w').write('watching'); time.sleep(600)")
+MIDDLE = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[3]]); "
+          "open(sys.argv[2], 'w').write(str(c.pid)); time.sleep(600)")
+
+
+def test_parent_watch_alone_stops_the_server_process(tmp_path):
+    """Without the parent-death signal (plain Popen), the embedded server's parent watch still ends it."""
+    pidfile = tmp_path / "child.pid"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    ready = tmp_path / "watching"
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, CHILD, str(pidfile), str(ready)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() or not pidfile.exists() or not pidfile.read_text():  # the child watches now
+            assert time.monotonic() < deadline and middle.poll() is None
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        assert _alive(child)
+        middle.kill()
+        middle.wait(timeout=30)
+        deadline = time.monotonic() + BOUND_S
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the watched process outlived its parent"
+    finally:
+        if middle.poll() is None:
+            middle.kill()
+        if pidfile.exists() and pidfile.read_text() and _alive(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_vespo.rollout.embedded.engine import EmbeddedEngine
+from megatron_vespo.rollout.embedded.guards import abort_on_disconnect, watch_parent
 from megatron_vespo.rollout.embedded.requests import render_response
 from megatron_vespo.rollout.embedded.schema import (
     AbortIn,
@@ -219,22 +220,6 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     return app
 
 
-async def abort_on_disconnect(engine: EmbeddedEngine, request: Any, reqs: list, interval_s: float = 0.1) -> None:
-    """Abort ``reqs`` once the HTTP client of ``request`` has gone away (SGLang does the same:
-    ``TokenizerManager._wait_one_response`` checks ``request.is_disconnected()`` and aborts the rid).
-
-    Without it a disconnected client keeps its request generating to ``max_new_tokens``.
-    """
-    while not all(r.done.is_set() for r in reqs):
-        if await request.is_disconnected():
-            logger.info("client disconnected: aborting %d request(s)", len(reqs))
-            for r in reqs:
-                if not r.done.is_set():
-                    engine.abort(r.rid, message="client disconnected")
-            return
-        await asyncio.sleep(interval_s)
-
-
 class EmbeddedServerHandle:
     """A running embedded server: ``url``, ``stop()``; ``engine`` in thread mode, ``pid`` in process mode."""
 
@@ -342,23 +327,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-version", default="default")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process (the run that started the server) is gone")
-
-
-def watch_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
-    """Exit this process (code 1) once ``parent_pid`` is no longer our parent (it died; we were reparented).
-
-    A second line behind the parent-death signal set by ``ServerProcess``: that signal is tied
-    to the thread that forked us, this watch to the process.
-    """
-    def run() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(interval_s)
-        logger.error("parent process %d is gone: embedded server exiting", parent_pid)
-        logging.shutdown()
-        os._exit(1)  # no graceful drain: the run that wanted these answers is dead
-    thread = threading.Thread(target=run, name="parent-watch", daemon=True)
-    thread.start()
-    return thread
 
 
 def _check_port_free(host: str, port: int) -> None:
