@@ -165,3 +165,18 @@ def test_server_answers_after_fuzzing(server):
     assert httpx.get(f"{server.url}/health", timeout=10, trust_env=False).status_code == 200
     r = post(server, "/generate", OK)
     assert r.status_code == 200 and len(r.json()["output_ids"]) == 2
+
+
+def test_engine_isolates_a_request_whose_seed_fails_inside_a_batch():
+    """Defence in depth behind the schema: a seed torch refuses fails its own request only."""
+    from megatron_vespo.rollout.embedded.engine import EmbeddedEngine
+
+    engine = EmbeddedEngine.from_preset("tiny")
+    reqs = [engine.parse({"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True,
+                                                                        "sampling_seed": i}})[0][0] for i in range(3)]
+    reqs[1].sampling_seed = 2**64  # what the schema refuses at the door
+    engine.run_batch(reqs)
+    assert reqs[1].finish_reason["type"] == "abort" and reqs[1].finish_reason["status_code"] == 400
+    assert "sampling_seed" in reqs[1].finish_reason["message"]
+    assert [r.finish_reason["type"] for r in (reqs[0], reqs[2])] == ["length", "length"]
+    assert all(len(r.output_ids) == 3 for r in (reqs[0], reqs[2]))

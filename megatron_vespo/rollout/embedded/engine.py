@@ -310,7 +310,7 @@ class EmbeddedEngine:
             try:  # per request: one bad seed must not fail the requests batched with it
                 gens.append(torch.Generator().manual_seed(r.sampling_seed if r.sampling_seed is not None
                                                           else self._rng.getrandbits(63)))
-            except (RuntimeError, OverflowError, TypeError) as exc:
+            except (RuntimeError, OverflowError, TypeError, ValueError) as exc:
                 r.finish({**_abort(f"sampling_seed {r.sampling_seed!r} rejected: {exc}"), "status_code": 400})
                 continue
             live.append(r)
