@@ -128,3 +128,15 @@ def test_nan_tensor_update_is_refused(server):
                    json={"serialized_named_tensors": [serialize([(Q, bad)])]})
     assert r.status_code == 400 and Q in r.json()["message"] and "NaN" in r.json()["message"], r.text
     assert probe(server) == before
+
+
+def test_tied_lm_head_may_be_absent_from_a_full_checkpoint(tmp_path):
+    """A tied ``lm_head`` is covered by the embedding (save_pretrained omits it): not 'missing'."""
+    from megatron_vespo.rollout.embedded.models import build_tiny_model, reload_weights_in_place
+
+    path = save_tiny_checkpoint(tmp_path / "tied", seed=1, tie_word_embeddings=True)
+    (f,) = path.glob("*.safetensors")
+    assert "lm_head.weight" not in load_file(str(f))
+    model = build_tiny_model(seed=0, tie_word_embeddings=True)
+    assert reload_weights_in_place(model, path) > 0
+    assert torch.equal(model.lm_head.weight, load_file(str(f))["model.embed_tokens.weight"])
