@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -25,10 +26,36 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key (and file) to fix."""
 
 
-class Section(BaseModel):
-    """Base class of every component config: unknown keys are errors, assignment is validated."""
+def _non_finite(value: Any, path: str) -> list[str]:
+    """Dotted paths of the NaN / inf floats inside ``value`` (nested dicts and lists; sections excluded)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{path}={value}"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, f"{path}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{path}[{i}]")]
+    return []
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+class Section(BaseModel):
+    """Base class of every component config: unknown keys are errors, assignment is validated.
+
+    No float anywhere in a config may be NaN or inf (``.nan`` / ``.inf`` in YAML): ``train.lr=.inf``
+    would only surface as NaN log-probs later, ``loss.params.c1_pos=.nan`` would silently zero a
+    loss term. Typed float fields are refused by pydantic (``allow_inf_nan=False``), free-form
+    dicts and lists (``loss.params``, ``rollout.server_args``) by the check below.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _finite_everywhere(self) -> "Section":
+        bad = [p for name in type(self).model_fields for p in _non_finite(getattr(self, name), name)
+               if not isinstance(getattr(self, name), BaseModel)]
+        if bad:
+            raise ValueError(f"non-finite value(s) {', '.join(bad)}: every number in a config must be finite")
+        return self
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -14,7 +14,9 @@ class DataConfig(Section):
 
     ``reward`` names the function in ``rewards/`` that scores a response against the label;
     ``num_labels`` is how many distinct labels the synthetic task draws from (1 makes it
-    unconditional: the easiest learning signal).
+    unconditional: the easiest learning signal). JSONL rows are checked at load (``file:line``
+    in every error); prompts longer than ``max_prompt_len`` are cut with a warning counting them,
+    or refused with ``on_long_prompt: error``.
     """
 
     source: Literal["jsonl", "synthetic"] = "synthetic"
@@ -23,6 +25,7 @@ class DataConfig(Section):
     label_key: str = "label"
     num_prompts: int = Field(64, ge=1)
     max_prompt_len: int = Field(64, ge=1)
+    on_long_prompt: Literal["truncate", "error"] = "truncate"
     seed: int = 0
     num_labels: int = Field(4, ge=1, le=64)
     reward: str = "token_class"

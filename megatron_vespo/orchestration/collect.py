@@ -2,7 +2,7 @@
 
 ``collect_rollout`` asks the engines for ``n_samples_per_prompt`` responses per prompt, scores
 them with the data set's reward, drops every group holding a flagged (misaligned routes, NaN
-log-probs) or aborted sample, and asks for fresh prompts until ``rollout_batch_size`` samples
+log-probs, NaN reward) or aborted sample, and asks for fresh prompts until ``rollout_batch_size`` samples
 in whole groups are ready (at most ``max_attempts`` rounds), so no misaligned data is ever
 trained on and group losses always see whole groups.
 """
@@ -16,7 +16,7 @@ from typing import Callable
 
 from megatron_vespo.buffer import drop_unusable_groups
 from megatron_vespo.data import Prompt, PromptDataset
-from megatron_vespo.rewards import RewardFn
+from megatron_vespo.rewards import RewardFn, score_samples
 from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.rollout.router import EngineRouter
 from megatron_vespo.types import Sample
@@ -52,7 +52,7 @@ def collect_rollout(router: EngineRouter, run: Callable, dataset: PromptDataset,
     n = cfg.n_samples_per_prompt
     groups_needed = rollout_batch_size // n
     kept: list[Sample] = []
-    generated = dropped = 0
+    generated = dropped = nonfinite = 0
     t0 = time.perf_counter()
     next_group = 0
     for _ in range(max_attempts):
@@ -63,8 +63,7 @@ def collect_rollout(router: EngineRouter, run: Callable, dataset: PromptDataset,
         samples = run(_generate(router, prompts, cfg, next_group))
         next_group += len(prompts)
         generated += len(samples)
-        for s in samples:
-            s.reward = float(reward_fn(s, s.metadata["label"]))
+        nonfinite += score_samples(samples, reward_fn, [s.metadata["label"] for s in samples])  # NaN: flagged
         usable = drop_unusable_groups(samples)
         dropped += len(samples) - len(usable)
         kept.extend(usable)
@@ -82,6 +81,7 @@ def collect_rollout(router: EngineRouter, run: Callable, dataset: PromptDataset,
         "rollout/response_len_mean": resp_tokens / len(kept),
         "rollout/samples_generated": float(generated),
         "rollout/samples_dropped": float(dropped),
+        "rollout/reward_nonfinite": float(nonfinite),
         "rollout/truncated_frac": sum(s.status.value == "truncated" for s in kept) / len(kept),
         "rollout/sample_version_min": float(min(s.policy_version for s in kept)),
         "rollout/sample_version_max": float(max(s.policy_version for s in kept)),

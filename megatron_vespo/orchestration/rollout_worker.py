@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 
 from megatron_vespo.data import Prompt, PromptDataset
 from megatron_vespo.orchestration.async_buffer import GroupBuffer, StalenessGate
-from megatron_vespo.rewards import get_reward
+from megatron_vespo.rewards import get_reward, score_samples
 from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.rollout.router import EngineRouter
 from megatron_vespo.rollout.routes import RouteSpec
@@ -89,7 +89,7 @@ class RolloutWorker:
         self._error: Optional[str] = None
         self._stopping = False
         self.counters = {"samples": 0, "tokens": 0, "groups": 0, "flagged_samples": 0, "aborted_groups": 0,
-                         "stale_samples": 0, "busy_s": 0.0}
+                         "stale_samples": 0, "reward_nonfinite": 0, "busy_s": 0.0}
         self._busy_since: Optional[float] = None
         self._last_take = time.perf_counter()
         self._last_counters = dict(self.counters)
@@ -165,9 +165,12 @@ class RolloutWorker:
             self.counters["aborted_groups"] += 1
             self._retry.append(prompt)
             self.gate.on_rejected()
+        elif n_bad := score_samples(samples, self.reward_fn, [prompt.label] * len(samples)):  # NaN: flagged
+            logger.warning("dropping group %d (prompt %d): non-finite reward", gid, prompt.index)
+            self.counters["flagged_samples"] += len(samples)
+            self.counters["reward_nonfinite"] += n_bad
+            self.gate.on_rejected()
         else:
-            for s in samples:
-                s.reward = float(self.reward_fn(s, prompt.label))
             self.buffer.put(samples)
             self.gate.on_accepted()
             self.counters["groups"] += 1
@@ -214,10 +217,12 @@ class RolloutWorker:
         now, c = time.perf_counter(), self.stats_now()
         dt, prev = max(now - self._last_take, 1e-9), self._last_counters
         self._last_take, self._last_counters = now, c
-        d = {k: c[k] - prev[k] for k in ("samples", "tokens", "flagged_samples", "aborted_groups", "stale_samples")}
+        d = {k: c[k] - prev[k] for k in ("samples", "tokens", "flagged_samples", "aborted_groups", "stale_samples",
+                                         "reward_nonfinite")}
         return {"rollout/samples_generated": float(d["samples"]), "rollout/tokens_per_s": d["tokens"] / dt,
                 "async/stale_dropped_samples": float(d["stale_samples"]),
                 "async/flagged_dropped_samples": float(d["flagged_samples"]),
+                "rollout/reward_nonfinite": float(d["reward_nonfinite"]),
                 "async/aborted_regenerated_groups": float(d["aborted_groups"]),
                 "async/buffer_groups": float(fill), "async/buffer_fill": fill / self.buffer.capacity,
                 "async/inflight_groups": float(len(self._inflight))}

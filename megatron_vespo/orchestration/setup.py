@@ -157,6 +157,12 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
     out = Path(job.loop.output_dir)
     if out.exists() and not out.is_dir():  # before the actor: minutes of setup otherwise, then mkdir fails
         raise ConfigError(f"loop.output_dir {out} exists and is not a directory")
+    from megatron_vespo.data import check_context_length
+    from megatron_vespo.models.qwen3_moe import get_hf_config
+
+    source = f"model.hf_path {job.model.hf_path}" if job.model.hf_path else f"model.preset {job.model.preset}"
+    check_context_length(job.data, job.rollout.sampling.max_new_tokens,  # before the actor and the engines
+                         int(get_hf_config(job.model).max_position_embeddings), source)
     actor = MegatronActor(job.model, job.parallel, job.train, job.loss, job.routing,
                           temperature=job.rollout.sampling.temperature, fp8=job.fp8)
     rank0 = torch.distributed.get_rank() == 0

@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
-from megatron_vespo.types import Sample
+from megatron_vespo.types import Sample, SampleStatus
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,29 @@ def get_reward(name: str) -> RewardFn:
     if name not in _REWARDS:
         raise ValueError(f"unknown reward '{name}'; available: {', '.join(sorted(_REWARDS))}")
     return _REWARDS[name]
+
+
+def score_samples(samples: list[Sample], reward_fn: RewardFn, labels: list[Any]) -> int:
+    """Set ``s.reward = reward_fn(s, label)`` for each sample; returns how many rewards were non-finite.
+
+    A NaN / inf reward flags its sample (``SampleStatus.FLAGGED``, reason in
+    ``metadata["flag_reasons"]``, reward set to 0.0) so ``buffer.drop_unusable_groups`` drops its
+    whole group, as it does for NaN log-probs: one bad score must not poison the group's
+    advantages (or stop the run).
+    """
+    bad = 0
+    for s, label in zip(samples, labels):
+        r = float(reward_fn(s, label))
+        if math.isfinite(r):
+            s.reward = r
+            continue
+        bad += 1
+        s.reward = 0.0
+        s.status = SampleStatus.FLAGGED
+        s.metadata.setdefault("flag_reasons", []).append(f"non-finite reward {r}")
+    if bad:
+        logger.warning("%d non-finite reward(s): their groups are dropped", bad)
+    return bad
 
 
 NUM_CLASSES = 4

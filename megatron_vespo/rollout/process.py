@@ -4,14 +4,26 @@ The child is started in its own session (``start_new_session=True``), so its pro
 contains the server and whatever it spawned (SGLang forks scheduler / detokenizer processes)
 and nothing of ours. ``stop`` signals exactly that group: SIGTERM, then SIGKILL after a grace
 period. No name-based killing (``pkill``) anywhere.
+
+Engines die with the run: a child started here asks the kernel (Linux ``prctl(PR_SET_PDEATHSIG,
+SIGKILL)``, set in the child between fork and exec) to be killed when its parent dies, so a
+``kill -9`` of the trainer cannot leave servers holding GPUs and ports; the kernel then closes
+their listening sockets and a restarted run finds the ports free. SGLang's own scheduler and
+detokenizer processes do the same towards ``launch_server`` (``kill_itself_when_parent_died``
+in ``sglang/srt/utils``), so the whole tree goes. The signal fires when the *thread* that
+started the child exits, so start servers from a thread that lives as long as the run (the
+main thread); the embedded server also watches its parent pid (``--parent-pid``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -20,6 +32,27 @@ from megatron_vespo.utils.imports import require
 from megatron_vespo.utils.net import free_port as find_free_port  # noqa: F401 - public name here
 
 logger = logging.getLogger(__name__)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent_preexec(parent_pid: int, sig: int = signal.SIGKILL):
+    """A ``preexec_fn`` making the child receive ``sig`` when ``parent_pid`` (its parent) dies.
+
+    Linux only (elsewhere it does nothing). If the parent already died between fork and the
+    ``prctl`` call, the child kills itself at once instead of running orphaned.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+    def preexec() -> None:
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent_pid:  # parent gone before the prctl took effect
+            os.kill(os.getpid(), sig)
+    return preexec
 
 
 def check_health(url: str, timeout_s: float = 2.0) -> bool:
@@ -66,7 +99,8 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=die_with_parent_preexec(os.getpid()))
         logger.info("started rollout server pid %d for %s (log: %s): %s", self.proc.pid, self.url,
                     self.log_path, " ".join(self.command))
         return self

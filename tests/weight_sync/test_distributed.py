@@ -60,7 +60,8 @@ def _one_rank(rank, world):
         kept = engine_state(handle.engine)["model.norm.weight"].clone()
         for key, bucket in (("bad_name", [("model.norm.weight", torch.full((64,), 5.0)),
                                           ("model.layers.0.mlp.experts.99.gate_proj.weight", torch.zeros(32, 64))]),
-                            ("bad_shape", [("model.norm.weight", torch.zeros(3))])):
+                            ("bad_shape", [("model.norm.weight", torch.zeros(3))]),
+                            ("bad_nan", [("model.norm.weight", torch.full((64,), float("nan")))])):
             try:
                 sync.send_bucket(bucket, run, version=99)
                 out[key] = "no error"
@@ -141,6 +142,7 @@ def test_bad_name_and_shape_are_refused_and_change_nothing(one_rank):
     r = one_rank
     assert "not in the served model" in r["bad_name"] and "experts.99.gate_proj" in r["bad_name"]
     assert "shape mismatch" in r["bad_shape"] and "model.norm.weight" in r["bad_shape"]
+    assert "NaN or inf" in r["bad_nan"] and "model.norm.weight" in r["bad_nan"]  # a poisoned broadcast
     assert r["norm_kept"]  # the valid half of the bad bucket was not applied
     assert r["version_after_bad"] == "3"
     assert r["mismatch_push2"] == []  # the group survived the refused buckets

@@ -301,13 +301,19 @@ class EmbeddedEngine:
     def run_batch(self, reqs: list[GenRequest]) -> None:
         """Generate every request of ``reqs`` to completion (also callable without the worker)."""
         transformers = require("transformers", "the embedded rollout engine")
-        live = []
+        live, gens = [], []
         for r in reqs:
             r.version_spans = [[self.weight_version, 0]]
             if r.aborted:
                 r.finish(_abort(r.aborted))
-            else:
-                live.append(r)
+                continue
+            try:  # per request: one bad seed must not fail the requests batched with it
+                gens.append(torch.Generator().manual_seed(r.sampling_seed if r.sampling_seed is not None
+                                                          else self._rng.getrandbits(63)))
+            except (RuntimeError, OverflowError, TypeError, ValueError) as exc:
+                r.finish({**_abort(f"sampling_seed {r.sampling_seed!r} rejected: {exc}"), "status_code": 400})
+                continue
+            live.append(r)
         if not live:
             return
         lens = [len(r.input_ids) for r in live]
@@ -318,8 +324,6 @@ class EmbeddedEngine:
             ids[b, width - lens[b]:] = torch.tensor(r.input_ids)
             attn[b, width - lens[b]:] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        gens = [torch.Generator().manual_seed(r.sampling_seed if r.sampling_seed is not None
-                                              else self._rng.getrandbits(63)) for r in live]
         capture = self.capture if any(r.return_routed_experts for r in live) else None
         want_input = any(r.return_logprob and r.logprob_start_len < len(r.input_ids) for r in live)
         cache = transformers.DynamicCache(config=self.model.config)

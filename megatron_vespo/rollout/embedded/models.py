@@ -93,28 +93,19 @@ def load_tokenizer(model_path: Optional[str | os.PathLike]) -> Any:
 def reload_weights_in_place(model: torch.nn.Module, model_path: str | os.PathLike) -> int:
     """Copy the weights of the HF checkpoint ``model_path`` into ``model``; returns tensors copied.
 
-    Loading goes through ``from_pretrained`` so transformers' checkpoint conversions (per-expert
-    tensors -> fused ``gate_up_proj``) apply; the copy is in place so hooks and references to the
-    model stay valid. Raises ValueError naming the file when names or shapes differ.
+    All or nothing: the safetensors files are read directly and checked as a whole first
+    (``weight_checks.validate_full_checkpoint``: no missing, unexpected, mis-shaped or
+    non-finite tensor; corrupt files named), then copied in place so hooks and references to
+    the model stay valid. Per-expert checkpoint names land in transformers' fused expert
+    tensors (``weight_update.hf_param_views``). Raises ValueError naming what to fix.
     """
-    dtype = next(model.parameters()).dtype
-    hf_logging = require("transformers", "reloading HF weights").utils.logging
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per weight update floods the training log
+    from megatron_vespo.rollout.embedded.weight_checks import read_checkpoint_tensors, validate_full_checkpoint
+    from megatron_vespo.rollout.embedded.weight_update import hf_param_views, load_named_tensors
+
+    named = read_checkpoint_tensors(model_path)
+    views = hf_param_views(model)
     try:
-        new = load_hf_model(model_path, dtype)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    src, dst = new.state_dict(), model.state_dict()
-    missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
-    if missing or extra:
-        raise ValueError(f"{model_path}: checkpoint does not match the served model "
-                         f"(missing {missing[:5]}, unexpected {extra[:5]})")
-    bad = [k for k in dst if dst[k].shape != src[k].shape]
-    if bad:
-        raise ValueError(f"{model_path}: shape mismatch for {bad[:5]} "
-                         f"(e.g. {tuple(src[bad[0]].shape)} vs served {tuple(dst[bad[0]].shape)})")
-    for k, t in dst.items():
-        t.copy_(src[k])
-    return len(dst)
+        validate_full_checkpoint(model, views, named)
+    except ValueError as exc:
+        raise ValueError(f"{model_path}: {exc}") from None
+    return load_named_tensors(model, named, views)

@@ -2,7 +2,8 @@
 
 Accepted fields are those of sglang 0.5.23 ``GenerateReqInput`` the engine implements; any other
 field must hold its SGLang default (None / False / 0 / empty), else the request is rejected with
-a ValueError naming it -- a silently ignored sampling option would make mu wrong.
+a ValueError naming it -- a silently ignored sampling option would make mu wrong. Types and
+ranges of every field are checked first, in one place: ``schema.GenerateIn``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron_vespo.rollout.embedded.sampling import RowParams
+from megatron_vespo.rollout.embedded.schema import GenerateIn, SamplingParamsIn, validate
 from megatron_vespo.rollout.routes import encode_routes
 
 _TOP_FIELDS = {"rid", "text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len",
@@ -63,14 +65,6 @@ class GenRequest:
             self.on_done(self)
 
 
-def _pick(value: Any, i: int, n: int, name: str) -> Any:
-    if isinstance(value, list):
-        if len(value) != n:
-            raise ValueError(f"{name} is a list of {len(value)} but the batch has {n} prompts")
-        return value[i]
-    return value
-
-
 def _check_defaults(obj: dict, allowed: set, where: str) -> None:
     for key, value in obj.items():
         if key in allowed:
@@ -83,17 +77,29 @@ def _check_defaults(obj: dict, allowed: set, where: str) -> None:
                          f"(supported: {sorted(allowed)})")
 
 
-def parse_generate(body: dict, *, vocab_size: int, max_len: int,
+def _per_prompt(value: Any, n: int, name: str) -> list:
+    """A scalar-or-list field as one value per prompt (SGLang: a list must have one entry per prompt)."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"{name} is a list of {len(value)} but the batch has {n} prompt(s)")
+        return value
+    return [value] * n
+
+
+def parse_generate(body: Any, *, vocab_size: int, max_len: int,
                    tokenize: Optional[Callable[[str], list[int]]]) -> tuple[list[GenRequest], bool]:
-    """Requests of one ``/generate`` body, and whether the caller sent a batch (list answer)."""
-    if not isinstance(body, dict):
-        raise ValueError("request body must be a JSON object")
+    """Requests of one ``/generate`` body, and whether the caller sent a batch (list answer).
+
+    Types and ranges are checked by ``schema.GenerateIn`` (one place, SGLang's rules); this adds
+    what depends on the model (vocabulary, context length) and on the batch (per-prompt lists).
+    """
+    req = validate(GenerateIn, body)
     _check_defaults(body, _TOP_FIELDS, "request")
-    if body.get("stream"):
+    if req.stream:
         raise ValueError("stream=true is not supported by the embedded engine")
-    if body.get("top_logprobs_num"):
+    if req.top_logprobs_num:
         raise ValueError("top_logprobs_num is not supported by the embedded engine")
-    ids, text = body.get("input_ids"), body.get("text")
+    ids, text = req.input_ids, req.text
     if (ids is None) == (text is None):
         raise ValueError("give exactly one of input_ids and text")
     if text is not None:
@@ -103,43 +109,50 @@ def parse_generate(body: dict, *, vocab_size: int, max_len: int,
     batched = bool(ids) and isinstance(ids[0], list)
     prompts = ids if batched else [ids]
     n = len(prompts)
-    sp_all = body.get("sampling_params") or {}
-    rids = body.get("rid")
+    if isinstance(req.sampling_params, list) and not batched:  # SGLang: SamplingParams(**a list) fails too
+        raise ValueError("sampling_params must be an object for a single prompt (a list needs a batch of prompts, "
+                         "one entry each)")
+    sps = _per_prompt(req.sampling_params if req.sampling_params is not None else SamplingParamsIn(), n,
+                      "sampling_params")
+    raw_sps = _per_prompt(body.get("sampling_params") or {}, n, "sampling_params")
+    rids = _per_prompt(req.rid, n, "rid") if isinstance(req.rid, list) else None
+    lp_flags = _per_prompt(req.return_logprob, n, "return_logprob")
+    lp_starts = _per_prompt(req.logprob_start_len, n, "logprob_start_len")
+    re_starts = _per_prompt(req.routed_experts_start_len or 0, n, "routed_experts_start_len")
     out = []
     for i, prompt in enumerate(prompts):
-        if not prompt or not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
+        if not prompt or not all(0 <= t < vocab_size for t in prompt):
             raise ValueError(f"input_ids[{i}] must be a non-empty list of token ids in [0, {vocab_size})")
-        sp = sp_all[i] if isinstance(sp_all, list) else sp_all
-        _check_defaults(sp, _SAMPLING_FIELDS, "sampling_params")
-        if sp.get("n") not in (None, 1):
+        sp = sps[i]
+        _check_defaults(raw_sps[i], _SAMPLING_FIELDS, "sampling_params")
+        if sp.n not in (None, 1):
             raise ValueError("sampling_params.n must be 1 (send one request per sample)")
-        temperature = float(sp.get("temperature", 1.0) if sp.get("temperature") is not None else 1.0)
-        top_p = float(sp.get("top_p") if sp.get("top_p") is not None else 1.0)
-        top_k = int(sp.get("top_k") if sp.get("top_k") is not None else -1)
-        max_new = int(sp.get("max_new_tokens") if sp.get("max_new_tokens") is not None else 128)
-        if temperature < 0 or not 0 < top_p <= 1 or (top_k < 1 and top_k != -1) or max_new < 0:
-            raise ValueError(f"sampling_params invalid: temperature={temperature} (>= 0), top_p={top_p} "
-                             f"(in (0, 1]), top_k={top_k} (-1 or >= 1), max_new_tokens={max_new} (>= 0)")
+        temperature = 1.0 if sp.temperature is None else float(sp.temperature)
+        top_p = 1.0 if sp.top_p is None else float(sp.top_p)
+        top_k = -1 if sp.top_k is None else int(sp.top_k)
+        max_new = 128 if sp.max_new_tokens is None else int(sp.max_new_tokens)
         if len(prompt) + max_new > max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {max_new} exceeds the model's "
                              f"context length {max_len}")
-        lp_start = _pick(body.get("logprob_start_len"), i, n, "logprob_start_len")
-        lp_start = len(prompt) if lp_start in (None, -1) else int(lp_start)
-        re_start = int(_pick(body.get("routed_experts_start_len") or 0, i, n, "routed_experts_start_len"))
+        lp_start = len(prompt) if lp_starts[i] in (None, -1) else int(lp_starts[i])
+        re_start = int(re_starts[i])
         if not 0 <= lp_start <= len(prompt):
             raise ValueError(f"logprob_start_len={lp_start} must be -1 or in [0, {len(prompt)}]")
         if not 0 <= re_start <= len(prompt):
             raise ValueError(f"routed_experts_start_len={re_start} must be in [0, prompt length {len(prompt)}]")
-        rid = _pick(rids, i, n, "rid") if rids is not None else uuid.uuid4().hex
-        rid = f"{rid}_{i}" if (batched and isinstance(rids, str)) else str(rid)
-        seed = sp.get("sampling_seed")
+        if rids is not None:
+            rid = str(rids[i])
+        elif req.rid is not None:
+            rid = f"{req.rid}_{i}" if batched else req.rid
+        else:
+            rid = uuid.uuid4().hex
         out.append(GenRequest(
             rid=rid, input_ids=list(prompt), params=RowParams.normalise(temperature, top_p, top_k),
-            max_new_tokens=max_new, stop_token_ids={int(t) for t in (sp.get("stop_token_ids") or [])},
-            ignore_eos=bool(sp.get("ignore_eos")), sampling_seed=None if seed is None else int(seed),
-            return_logprob=bool(_pick(body.get("return_logprob"), i, n, "return_logprob")),
-            logprob_start_len=lp_start, return_routed_experts=bool(body.get("return_routed_experts")),
-            routed_experts_start_len=re_start, return_text_in_logprobs=bool(body.get("return_text_in_logprobs"))))
+            max_new_tokens=max_new, stop_token_ids=set(sp.stop_token_ids or []),
+            ignore_eos=bool(sp.ignore_eos), sampling_seed=sp.sampling_seed,
+            return_logprob=bool(lp_flags[i]), logprob_start_len=lp_start,
+            return_routed_experts=bool(req.return_routed_experts), routed_experts_start_len=re_start,
+            return_text_in_logprobs=bool(req.return_text_in_logprobs)))
     return out, batched
 
 

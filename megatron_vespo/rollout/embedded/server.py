@@ -16,7 +16,6 @@ see ``weight_update.py``.
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -28,7 +27,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_vespo.rollout.embedded.engine import EmbeddedEngine
+from megatron_vespo.rollout.embedded.guards import abort_on_disconnect, watch_parent
 from megatron_vespo.rollout.embedded.requests import render_response
+from megatron_vespo.rollout.embedded.schema import (
+    AbortIn,
+    DestroyGroupIn,
+    InitGroupIn,
+    PauseIn,
+    RequestError,
+    UpdateFromDiskIn,
+    UpdateFromDistributedIn,
+    UpdateFromTensorIn,
+    UpdateWeightVersionIn,
+    parse_body,
+    validate,
+)
 from megatron_vespo.rollout.embedded.weight_update import deserialize_named_tensors
 from megatron_vespo.rollout.process import ServerProcess, find_free_port
 from megatron_vespo.utils.imports import require
@@ -47,11 +60,13 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     def error(msg: str, status: int = 400) -> Any:
         return JSONResponse({"error": {"message": msg}}, status_code=status)
 
-    async def body_of(request: Any) -> dict:
-        raw = await request.body()
-        return json.loads(raw) if raw.strip() else {}
+    async def body_of(request: Any) -> Any:
+        return parse_body(await request.body())  # RequestError (-> 400) when not JSON
 
-    async def run(reqs: list) -> list:
+    async def body_as(request: Any, model: Any) -> Any:
+        return validate(model, await body_of(request))  # RequestError (-> 400) names the field
+
+    async def run(reqs: list, request: Any = None) -> list:
         loop = asyncio.get_running_loop()
         futs = []
         for r in reqs:
@@ -60,12 +75,16 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
                 lambda: fut.done() or fut.set_result(req))
             futs.append(fut)
         engine.submit(reqs)
+        watch = asyncio.ensure_future(abort_on_disconnect(engine, request, reqs)) if request is not None else None
         try:
             return list(await asyncio.gather(*futs))
         except asyncio.CancelledError:  # client went away: free the batch slots
             for r in reqs:
                 engine.abort(r.rid, message="client disconnected")
             raise
+        finally:
+            if watch is not None:
+                watch.cancel()
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
@@ -73,7 +92,7 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
             reqs, batched = engine.parse(await body_of(request))
         except (ValueError, TypeError) as exc:
             return error(str(exc))
-        done = await run(reqs)
+        done = await run(reqs, request)
         decode = engine.decode if engine.tokenizer is not None else None
         outs = [render_response(r, engine.weight_version, decode) for r in done]
         return JSONResponse(outs if batched else outs[0])
@@ -115,41 +134,49 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     async def flush_cache():
         return PlainTextResponse("Cache flushed.\n(The embedded engine keeps no prefix cache.)\n")
 
+    @app.exception_handler(RequestError)
+    async def bad_request(request: Request, exc: RequestError):
+        return error(str(exc))
+
+    @app.exception_handler(fastapi.exceptions.RequestValidationError)
+    async def unparsable_body(request: Request, exc: Any):  # e.g. malformed JSON: 400, as our own checks
+        errs = exc.errors()
+        where = ".".join(str(p) for p in errs[0].get("loc", ())) if errs else "body"
+        return error(f"request body invalid at {where}: {errs[0].get('msg') if errs else exc}")
+
     @app.post("/update_weights_from_disk")
-    def update_weights_from_disk(body: dict = Body(...)):  # sync: FastAPI runs it in a thread
-        if not body.get("model_path"):
-            return JSONResponse({"success": False, "message": "model_path is required", "num_paused_requests": 0},
-                                status_code=400)
-        if body.get("load_format") not in (None, "auto", "safetensors"):
+    def update_weights_from_disk(body: Any = Body(None)):  # sync: FastAPI runs it in a thread
+        try:
+            b = validate(UpdateFromDiskIn, body)
+        except RequestError as exc:
+            return JSONResponse({"success": False, "message": str(exc), "num_paused_requests": 0}, status_code=400)
+        if b.load_format not in (None, "auto", "safetensors"):
             return JSONResponse({"success": False, "num_paused_requests": 0,
-                                 "message": f"load_format {body['load_format']!r} not supported (auto, safetensors)"},
+                                 "message": f"load_format {b.load_format!r} not supported (auto, safetensors)"},
                                 status_code=400)
-        ok, msg, paused = engine.update_weights_from_disk(
-            body["model_path"], weight_version=body.get("weight_version"),
-            abort_all_requests=bool(body.get("abort_all_requests", False)))
+        ok, msg, paused = engine.update_weights_from_disk(b.model_path, weight_version=b.weight_version,
+                                                          abort_all_requests=b.abort_all_requests)
         return JSONResponse({"success": ok, "message": msg, "num_paused_requests": paused},
                             status_code=200 if ok else 400)
 
     @app.post("/update_weight_version")
-    def update_weight_version(body: dict = Body(...)):
-        if body.get("abort_all_requests", True):
+    def update_weight_version(body: Any = Body(None)):
+        b = validate(UpdateWeightVersionIn, body)
+        if b.abort_all_requests:
             engine.abort(abort_all=True, message="Abort by update_weight_version")
-        engine.update_weight_version(str(body["new_version"]))
-        return {"success": True, "message": f"Weight version updated to {body['new_version']}",
-                "new_version": body["new_version"]}
+        engine.update_weight_version(b.new_version)
+        return {"success": True, "message": f"Weight version updated to {b.new_version}",
+                "new_version": b.new_version}
 
     @app.post("/abort_request")
     async def abort_request(request: Request):
-        body = await body_of(request)
-        engine.abort(str(body.get("rid") or ""), abort_all=bool(body.get("abort_all", False)))
+        body = await body_as(request, AbortIn)
+        engine.abort(body.rid, abort_all=body.abort_all)
         return Response(status_code=200)
 
     @app.post("/pause_generation")
     async def pause_generation(request: Request):
-        try:
-            engine.pause((await body_of(request)).get("mode", "abort"))
-        except ValueError as exc:
-            return error(str(exc))
+        engine.pause((await body_as(request, PauseIn)).mode)
         return {"message": "Generation paused successfully.", "status": "ok"}
 
     @app.post("/continue_generation")
@@ -161,41 +188,34 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
         return JSONResponse({"success": ok, "message": msg}, status_code=200 if ok else 400)
 
     @app.post("/init_weights_update_group")
-    def init_weights_update_group(body: dict = Body(...)):  # sync: blocks until the group formed
-        try:
-            args = (str(body["master_address"]), int(body["master_port"]), int(body["rank_offset"]),
-                    int(body["world_size"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            return answer(False, f"master_address, master_port, rank_offset and world_size are required: {exc}")
-        return answer(*engine.weight_groups.init(*args, str(body.get("group_name", "weight_update_group")),
-                                                 str(body.get("backend", "nccl"))))
+    def init_weights_update_group(body: Any = Body(None)):  # sync: blocks until the group formed
+        b = validate(InitGroupIn, body)
+        return answer(*engine.weight_groups.init(b.master_address, b.master_port, b.rank_offset, b.world_size,
+                                                 b.group_name, b.backend))
 
     @app.post("/destroy_weights_update_group")
-    def destroy_weights_update_group(body: dict = Body(...)):
-        return answer(*engine.weight_groups.destroy(str(body.get("group_name", "weight_update_group"))))
+    def destroy_weights_update_group(body: Any = Body(None)):
+        return answer(*engine.weight_groups.destroy(validate(DestroyGroupIn, {} if body is None else body).group_name))
 
     @app.post("/update_weights_from_distributed")
-    def update_weights_from_distributed(body: dict = Body(...)):
+    def update_weights_from_distributed(body: Any = Body(None)):
+        b = validate(UpdateFromDistributedIn, body)
         try:  # receive first, whatever the names: the trainer's broadcast must be consumed
-            named = engine.weight_groups.receive(str(body.get("group_name", "weight_update_group")),
-                                                 body.get("names"), body.get("dtypes"), body.get("shapes"),
-                                                 body.get("load_format"))
+            named = engine.weight_groups.receive(b.group_name, b.names, b.dtypes, b.shapes, b.load_format)
         except ValueError as exc:
             return answer(False, str(exc))
-        return answer(*engine.load_weights(named, body.get("weight_version"),
-                                           bool(body.get("abort_all_requests", False))))
+        return answer(*engine.load_weights(named, b.weight_version, b.abort_all_requests))
 
     @app.post("/update_weights_from_tensor")
-    def update_weights_from_tensor(body: dict = Body(...)):
-        payloads = body.get("serialized_named_tensors")
-        if not isinstance(payloads, list) or len(payloads) != 1:  # one entry per TP rank; we have one
+    def update_weights_from_tensor(body: Any = Body(None)):
+        b = validate(UpdateFromTensorIn, body)
+        if len(b.serialized_named_tensors) != 1:  # one entry per TP rank; we have one
             return answer(False, "serialized_named_tensors must be a list with one entry (tp_size 1)")
         try:
-            named = deserialize_named_tensors(payloads[0], body.get("load_format"))
+            named = deserialize_named_tensors(b.serialized_named_tensors[0], b.load_format)
         except Exception as exc:  # noqa: BLE001 - malformed or blocked payload
             return answer(False, f"Failed to read serialized_named_tensors: {type(exc).__name__}: {exc}")
-        return answer(*engine.load_weights(named, body.get("weight_version"),
-                                           bool(body.get("abort_all_requests", False))))
+        return answer(*engine.load_weights(named, b.weight_version, b.abort_all_requests))
 
     return app
 
@@ -259,6 +279,7 @@ def start_embedded_server(model_path: Optional[str] = None, *, preset: Optional[
         port = port or find_free_port(host)
         log = log_path or os.path.join(tempfile.mkdtemp(prefix="mv_embedded_"), f"server_{port}.log")
         cmd = [sys.executable, "-m", "megatron_vespo.rollout.embedded.server", "--host", host, "--port", str(port),
+               "--parent-pid", str(os.getpid()),
                *_engine_args(model_path, preset, seed, dtype, random_seed, max_batch_size, weight_version)]
         proc = ServerProcess(cmd, f"http://{host}:{port}", log, env=env).start()
         proc.wait_healthy(startup_timeout_s, interval_s=0.2)
@@ -304,6 +325,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-seed", type=int, default=0, help="seed for requests without sampling_seed")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--weight-version", default="default")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process (the run that started the server) is gone")
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -322,6 +345,8 @@ def serve(args: argparse.Namespace) -> int:
     uvicorn = require("uvicorn", "the embedded rollout server")
     if args.model_path and not Path(args.model_path, "config.json").is_file():
         raise ValueError(f"--model-path {args.model_path}: no config.json there")
+    if getattr(args, "parent_pid", None):
+        watch_parent(args.parent_pid)
     _check_port_free(args.host, args.port)  # before the model loads, and before announcing a URL
     kw = dict(random_seed=args.random_seed, max_batch_size=args.max_batch_size, weight_version=args.weight_version)
     engine = (EmbeddedEngine.from_pretrained(args.model_path, args.dtype, **kw) if args.model_path

@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from megatron_vespo.rollout.embedded.weight_checks import check_finite
 from megatron_vespo.weight_sync.group import parse_dtype
 from megatron_vespo.weight_sync.tensor import reconstruct_flattened
 
@@ -62,7 +63,7 @@ def load_named_tensors(model: torch.nn.Module, named: Sequence[tuple[str, torch.
     """Copy ``(checkpoint name, tensor)`` pairs into ``model``; all-or-nothing.
 
     Raises ValueError naming the offending tensors (unknown name, shape mismatch, non-floating
-    dtype, duplicate). dtypes are converted like SGLang's weight loaders do (bf16 -> fp32 ...).
+    dtype, duplicate, NaN / inf values). dtypes are converted like SGLang's weight loaders do (bf16 -> fp32 ...).
     """
     views = hf_param_views(model) if views is None else views
     unknown = [n for n, _ in named if n not in views]
@@ -79,6 +80,7 @@ def load_named_tensors(model: torch.nn.Module, named: Sequence[tuple[str, torch.
     bad = [f"{n}: {t.dtype}" for n, t in named if not t.dtype.is_floating_point]
     if bad:
         raise ValueError(f"weights must be floating point: {'; '.join(bad[:3])}")
+    check_finite(named)  # a NaN weight would make every later /generate fail
     for n, t in named:
         views[n].copy_(t)
     return len(named)
