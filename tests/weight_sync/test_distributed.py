@@ -58,6 +58,17 @@ def _one_rank(rank, world):
 
         # bad buckets: refused after being received, nothing applied, the group still works
         kept = engine_state(handle.engine)["model.norm.weight"].clone()
+        out["window_closed_after_push"] = not handle.engine.weight_window.is_open
+        out["windows_opened"] = handle.engine.weight_window.opened
+        # outside a window the engine refuses before receiving (sglang >= 0.5.21): the group is given up
+        try:
+            sync.send_bucket([("model.norm.weight", torch.full((64,), 5.0))], run, version=98)
+            out["no_window"] = "no error"
+        except Exception as exc:  # noqa: BLE001
+            out["no_window"] = f"{type(exc).__name__}: {exc}"
+        out["connected_after_no_window"] = sync.group is not None
+        sync.connect([client], run)
+        sync.open_windows(run)
         for key, bucket in (("bad_name", [("model.norm.weight", torch.full((64,), 5.0)),
                                           ("model.layers.0.mlp.experts.99.gate_proj.weight", torch.zeros(32, 64))]),
                             ("bad_shape", [("model.norm.weight", torch.zeros(3))])):
@@ -66,6 +77,7 @@ def _one_rank(rank, world):
                 out[key] = "no error"
             except Exception as exc:  # noqa: BLE001
                 out[key] = f"{type(exc).__name__}: {exc}"
+        sync.close_windows(run)
         out["norm_kept"] = torch.equal(engine_state(handle.engine)["model.norm.weight"], kept)
         out["version_after_bad"] = run(client.weight_version())
         with torch.no_grad():
@@ -135,6 +147,14 @@ def test_generation_changes_and_version_is_tagged(one_rank):
     r = one_rank
     assert r["before"][0] != r["after"][0] or r["before"][1] != r["after"][1]
     assert r["version"] == "3" and r["after"][2] == 3
+
+
+def test_push_opens_and_closes_the_update_window(one_rank):
+    """sglang 0.5.21-0.5.23 refuse update_weights_from_distributed outside begin/end_weight_update."""
+    r = one_rank
+    assert r["window_closed_after_push"] and r["windows_opened"] == 1
+    assert "must run between begin_weight_update() and end_weight_update()" in r["no_window"], r["no_window"]
+    assert not r["connected_after_no_window"]  # the engine never received: the broadcast was abandoned
 
 
 def test_bad_name_and_shape_are_refused_and_change_nothing(one_rank):

@@ -214,3 +214,46 @@ def deserialize_named_tensors(payload: str | bytes, load_format: Optional[str]) 
     if not isinstance(obj, list) or any(not (isinstance(x, (tuple, list)) and len(x) == 2) for x in obj):
         raise ValueError("payload must be a list of (name, tensor) pairs")
     return [(str(n), t) for n, t in obj]
+
+
+class WeightUpdateWindow:
+    """The weight-update window of sglang 0.5.21-0.5.23 (``SchedulerWeightUpdaterManager._session`` in
+    ``managers/scheduler_components/weight_updater.py``): ``/begin_weight_update`` opens it,
+    ``/end_weight_update`` closes it, and ``update_weights_from_distributed`` / ``_from_tensor``
+    are refused (before anything is received) while it is closed. ``update_weights_from_disk``
+    needs no window. Methods answer ``(success, message)`` with SGLang's messages.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.selector: Optional[str] = None
+        self.opened = 0  # windows opened so far (tests read it)
+
+    def begin(self, selector: Any = "all") -> tuple[bool, str]:
+        """Open the window (``selector`` target | draft | all, as SGLang validates it)."""
+        if selector not in ("target", "draft", "all"):
+            return False, f"invalid selector {selector!r}; expected 'target', 'draft', or 'all'"
+        with self._lock:
+            if self.selector is not None:
+                return False, "a weight-update session is already open; call end_weight_update() first"
+            self.selector, self.opened = str(selector), self.opened + 1
+        return True, "Success"
+
+    def end(self) -> tuple[bool, str]:
+        """Close the window."""
+        with self._lock:
+            if self.selector is None:
+                return False, "no weight-update session is open; call begin_weight_update() first"
+            self.selector = None
+        return True, "Success"
+
+    @property
+    def is_open(self) -> bool:
+        """True between begin and end."""
+        return self.selector is not None
+
+    def refusal(self, endpoint: str) -> Optional[str]:
+        """SGLang's refusal message for ``endpoint`` when the window is closed, else None."""
+        if self.is_open:
+            return None
+        return f"{endpoint} must run between begin_weight_update() and end_weight_update()"
