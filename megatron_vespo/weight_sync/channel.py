@@ -99,7 +99,18 @@ def wait_all(futures: Sequence["concurrent.futures.Future[Any]"], timeout: float
     when = concurrent.futures.FIRST_EXCEPTION if first_exception else concurrent.futures.ALL_COMPLETED
     if run is not None:
         async def waiter() -> None:
-            await asyncio.wait([asyncio.wrap_future(f) for f in futures], timeout=timeout, return_when=when)
+            loop, event = asyncio.get_running_loop(), asyncio.Event()
+
+            def check(f: "concurrent.futures.Future[Any]") -> None:
+                failed = first_exception and not f.cancelled() and f.exception() is not None
+                if (failed or all(x.done() for x in futures)) and not loop.is_closed():
+                    loop.call_soon_threadsafe(event.set)
+            for f in futures:
+                f.add_done_callback(check)
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
         run(waiter())
     else:
         concurrent.futures.wait(futures, timeout=timeout, return_when=when)

@@ -48,7 +48,7 @@ def _one_rank(rank, world):
     try:
         out["before"] = greedy(client, run, PROMPT)
         fill_nan(handle.engine)
-        sync = DistributedWeightSync(hf_cfg, _cfg())
+        sync = DistributedWeightSync(hf_cfg, _cfg(flattened_bucket=False))  # one broadcast per tensor
         out["metrics"] = sync.push(model, 3, clients=[client], run=run)
         out["nan_after_push"] = nan_params(handle.engine)
         out["mismatch_after_push"] = mismatches(handle.engine, ref)
@@ -89,7 +89,7 @@ def _one_rank(rank, world):
 
         # flattened_bucket: one broadcast per bucket, through a new group (the old one is torn down first)
         sync.disconnect(run)
-        flat = DistributedWeightSync(hf_cfg, _cfg(flattened_bucket=True))
+        flat = DistributedWeightSync(hf_cfg, _cfg())  # flattened_bucket is the default
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.01)
