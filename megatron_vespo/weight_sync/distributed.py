@@ -78,6 +78,7 @@ class _Bucket:
     tensors: list
     load_format: Optional[str]
     nbytes: int
+    ready: Any = None  # CUDA event recorded after packing (the broadcast runs on another thread's stream)
 
 
 @dataclass
@@ -232,9 +233,12 @@ class DistributedWeightSync:
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         if flat:
             tensors = [torch.cat([t.view(-1).view(torch.uint8) for t in tensors])]
+        ready = None
         if self.backend == "nccl":
             tensors = [t.cuda(non_blocking=True) for t in tensors]
-        return _Bucket(names, dtypes, shapes, tensors, "flattened_bucket" if flat else None, nbytes)
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Bucket(names, dtypes, shapes, tensors, "flattened_bucket" if flat else None, nbytes, ready)
 
     def start(self, bucket: _Bucket, *, version: Optional[int] = None, flush_cache: bool = False) -> _InFlight:
         """Send ``bucket``'s request to every engine and queue its broadcast; returns at once."""
@@ -248,7 +252,11 @@ class DistributedWeightSync:
         if first:
             logger.info("first broadcast on %s: the engines join its communicator as they receive this request",
                         group.group_name)
-        sent = self.collectives.submit(lambda: group.wait(group.broadcast(bucket.tensors)))
+        def send() -> None:
+            if bucket.ready is not None:  # order after the packing kernels of the exporting thread's stream
+                torch.cuda.current_stream().wait_event(bucket.ready)
+            group.wait(group.broadcast(bucket.tensors))
+        sent = self.collectives.submit(send)
         return _InFlight(group, posts, sent, first)
 
     def finish(self, f: _InFlight, run: Optional[Run] = None) -> None:
