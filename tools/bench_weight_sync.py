@@ -11,6 +11,9 @@ them there.
   distributed  DistributedWeightSync with flattened_bucket=false: one gloo broadcast per tensor
   flat         DistributedWeightSync as configured by default: one flat broadcast per bucket
   tensor       TensorWeightSync: /update_weights_from_tensor with shared-memory payloads
+  recv         flat into a receive-only stand-in engine process (tools/ws_stand_in_engine.py --join init):
+               the trainer's side of a sync (export, pack, HTTP per bucket, broadcast) without an
+               engine's model load -- on GPU, SGLang's load is a device copy
 
 Size ``30b`` is Qwen3-30B-A3B's layout (48 layers x 128 experts, top-8, GQA 8:1, 18,867 HF
 tensors, as many buckets per GB) with every width divided by 32 (hidden 64, expert FFN 24, vocab
@@ -34,6 +37,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +52,7 @@ SIZES = {
                               "num_key_value_heads": 1, "head_dim": 8, "moe_intermediate_size": 24,
                               "vocab_size": 4096, "max_position_embeddings": 512}),
 }
-PATHS = ("disk", "distributed", "flat", "tensor")
+PATHS = ("disk", "distributed", "flat", "tensor", "recv")
 
 
 def build(size: str):
@@ -94,6 +98,33 @@ def link_bytes_per_s(nbytes: int, reps: int = 3) -> float:
             times.append(time.perf_counter() - t0)
     proc.join(timeout=60)
     return nbytes / statistics.median(times)
+
+
+def start_stand_in() -> tuple[Any, Any]:
+    """(process, client) of a receive-only stand-in engine (``tools/ws_stand_in_engine.py --join init``)."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from megatron_vespo.rollout.client import SGLangClient
+    from megatron_vespo.utils.net import free_port
+
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(root / "tools" / "ws_stand_in_engine.py"), "--port", str(port),
+                             "--version", "0.5.23", "--join", "init"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1, trust_env=False).status_code == 200:
+                return proc, SGLangClient(url, timeout_s=600, max_retries=0)
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the stand-in engine did not start")
 
 
 def export_only(model, hf_cfg, cfg) -> tuple[float, int]:
@@ -143,14 +174,17 @@ def bench_size(size: str, repeats: int, bucket_mb: float, threads: int, dtype: s
     cfg = WeightSyncConfig(bucket_mb=bucket_mb, init_timeout_s=120, op_timeout_s=600, dtype=dtype)
     syncs = {"distributed": DistributedWeightSync(hf_cfg, cfg.model_copy(update={"flattened_bucket": False})),
              "flat": DistributedWeightSync(hf_cfg, cfg.model_copy(update={"group_name": "flat_group"})),
-             "tensor": TensorWeightSync(hf_cfg, cfg)}
+             "tensor": TensorWeightSync(hf_cfg, cfg),
+             "recv": DistributedWeightSync(hf_cfg, cfg.model_copy(update={"group_name": "recv_group"}))}
+    stand_in, recv_client = start_stand_in() if "recv" in paths else (None, None)
     disk = DiskWeightSync(tmp / "weights", hf_cfg, dtype=dtype)
     times: dict[str, list[float]] = {p: [] for p in paths}
-    split: dict[str, list[tuple[float, float]]] = {p: [] for p in ("distributed", "flat") if p in paths}
+    split: dict[str, list[tuple[float, float]]] = {p: [] for p in ("distributed", "flat", "recv") if p in paths}
+    target = {p: (recv_client if p == "recv" else client) for p in paths}
     logprobs: dict[str, list[float]] = {}
     version, nbytes, nbuckets = 0, 0, 0
     try:
-        connect = {k: syncs[k].connect([client], run) for k in split}
+        connect = {k: syncs[k].connect([target[k]], run) for k in split}
         for r in range(repeats + 1):  # round 0 warms up
             with torch.no_grad():
                 for p in model.parameters():
@@ -161,13 +195,13 @@ def bench_size(size: str, repeats: int, bucket_mb: float, threads: int, dtype: s
                 if path == "disk":
                     disk.push(model, version, load=client.update_weights_from_disk, run=run)
                 else:
-                    m = syncs[path].push(model, version, clients=[client], run=run)
+                    m = syncs[path].push(model, version, clients=[target[path]], run=run)
                     nbytes, nbuckets = int(m["weight_sync/bytes"]), int(m["weight_sync/buckets"])
                     if r and path in split:
                         split[path].append((m["weight_sync/export_s"], m["weight_sync/send_s"]))
                 if r:
                     times[path].append(time.perf_counter() - t0)
-                if r == repeats:
+                if r == repeats and path != "recv":
                     sample = run(client.generate([5, 9, 2, 7], {"max_new_tokens": 8, "temperature": 0.0,
                                                                 "ignore_eos": True}))
                     logprobs[path] = [float(x) for x in sample.rollout_log_probs]
@@ -177,6 +211,9 @@ def bench_size(size: str, repeats: int, bucket_mb: float, threads: int, dtype: s
         export_s, ntensors = statistics.median(a[0] for a in alone), alone[0][1]
     finally:
         run(client.aclose())
+        if stand_in is not None:
+            run(recv_client.aclose())
+            stand_in.kill()
         loop.close()
         handle.stop()
         from megatron_vespo.train.parallel import destroy_parallel
@@ -194,7 +231,7 @@ def bench_size(size: str, repeats: int, bucket_mb: float, threads: int, dtype: s
             "link_ratio": {k: nbytes / med[k] / link for k in split} if link else {},
             "ep8_all_gathers": ep_gathers_per_sync(size, 8) if SIZES[size][1].get("num_experts", 128) % 8 == 0
             else None,
-            "same_logprobs": all(logprobs[p] == logprobs[ref] for p in paths)}
+            "same_logprobs": all(logprobs[p] == logprobs[ref] for p in logprobs)}
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 With NCCL the trainer's first broadcast builds the communicator and blocks its thread until every
 engine rank joins; SGLang's engines join inside the first ``/update_weights_from_distributed``.
-Here the engine is a separate process (``lazy_engine.py``) that builds its gloo backend only when
-that request arrives, and the trainer's group (``LazyGlooGroup``) builds its gloo backend inside
+Here the engine is a separate process (``tools/ws_stand_in_engine.py``) that builds its gloo
+backend only when that request arrives, and the trainer's group (``LazyGlooGroup``) builds its gloo backend inside
 the first broadcast, blocking the caller until the engine has joined -- NCCL's behaviour on gloo.
 
 Regression: the old ``DistributedWeightSync._send`` scheduled the POSTs, yielded once, then
@@ -56,8 +56,8 @@ def lazy_engine(request):
     version = getattr(request, "param", "0.5.20")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("lazy_engine.py")), "--port", str(port),
-                             "--version", version], env=env)
+    script = Path(__file__).parents[2] / "tools" / "ws_stand_in_engine.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), "--version", version], env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
