@@ -45,7 +45,7 @@ SIZES = {
     "tiny": ("tiny", {}),
     # ~33M parameters (130 MB fp32): 4 MoE layers of 16 experts, hidden 512, vocab 4096
     "medium": ("tiny", {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
-                        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "num_experts": 16,
+                        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "num_local_experts": 16,
                         "moe_intermediate_size": 256, "vocab_size": 4096}),
     # Qwen3-30B-A3B's tensor count and layout, widths / 32 (see the module docstring)
     "30b": ("qwen3-30b-a3b", {"hidden_size": 64, "intermediate_size": 192, "num_attention_heads": 8,
