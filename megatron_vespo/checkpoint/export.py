@@ -7,8 +7,8 @@ to the rollout engine. All name/layout knowledge comes from :mod:`megatron_vespo
 Export is collective: every rank of the job calls :func:`iter_hf_weights` and iterates it to the
 end (the buckets are produced in lockstep). Shards are reassembled with all-gathers over the
 TP group (non-expert tensors), the expert-TP group and the EP group (experts: per MoE layer and
-fc, every EP rank's local experts stacked into one all-gather), then broadcast over the pipeline group from the stage that
-owns the layer. Importing is local: each rank reads only the HF tensors of its own shards.
+fc, every EP rank's local experts stacked into one all-gather), then broadcast over the pipeline
+group from the stage that owns the layer. Importing is local: each rank reads only the HF tensors of its own shards.
 """
 
 from __future__ import annotations

@@ -78,8 +78,10 @@ class EngineChannel:
         """Close the clients and stop the thread (best effort, bounded)."""
         if self.loop.is_closed():
             return
+        async def close_all() -> None:
+            await asyncio.gather(*[c.aclose() for c in self.clients], return_exceptions=True)
         try:
-            self.call(asyncio.gather(*[c.aclose() for c in self.clients], return_exceptions=True), timeout=10)
+            self.call(close_all(), timeout=10)
         except Exception:  # noqa: BLE001 - shutting down anyway
             logger.debug("closing weight-sync HTTP clients failed", exc_info=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
