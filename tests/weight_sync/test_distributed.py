@@ -110,7 +110,9 @@ def _one_rank(rank, world):
             for p in model.parameters():
                 p.mul_(-1.0)
         ref4 = export_hf_state_dict(model, hf_cfg)
+        opened = handle.engine.weight_window.opened
         out["tensor"] = TensorWeightSync(hf_cfg, _cfg()).push(model, 6, clients=[client], run=run)
+        out["tensor_windows"] = (handle.engine.weight_window.opened - opened, handle.engine.weight_window.is_open)
         out["mismatch_tensor"] = mismatches(handle.engine, ref4)
         out["version_tensor"] = run(client.weight_version())
     finally:
@@ -172,6 +174,7 @@ def test_flattened_bucket_and_tensor_paths(one_rank):
     assert r["mismatch_flat"] == [] and r["flat"]["weight_sync/connect_s"] > 0
     assert "nccl" in r["nccl"] and "400" in r["nccl"]
     assert r["mismatch_tensor"] == [] and r["version_tensor"] == "6"
+    assert r["tensor_windows"] == (1, False)  # one window around the tensor push, closed after it
 
 
 def _two_ranks(rank, world):
