@@ -12,8 +12,10 @@ Endpoint names and bodies follow sglang 0.5.23 ``entrypoints/http_server.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import re
 import uuid
 from typing import Any, Mapping, Optional, Sequence
 
@@ -26,6 +28,18 @@ from megatron_vespo.types import Sample
 from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
+
+
+# sglang 0.5.21 added /begin_weight_update and /end_weight_update; from then on the scheduler
+# refuses update_weights_from_distributed / _from_tensor outside such a window
+# (sglang 0.5.21-0.5.23 managers/scheduler_components/weight_updater.py).
+WEIGHT_WINDOW_MIN_VERSION = (0, 5, 21)
+
+
+def parse_version(text: Any) -> Optional[tuple[int, int, int]]:
+    """``"0.5.23"`` / ``"v0.5.21.post1"`` -> ``(0, 5, 23)``; None when ``text`` starts with no version."""
+    m = re.match(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?", str(text or ""))
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
 
 
 class RolloutEngineError(RuntimeError):
@@ -85,6 +99,7 @@ class SGLangClient:
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), trust_env=False, transport=transport,
                                        limits=httpx.Limits(max_connections=max_concurrency))
         self._httpx = httpx
+        self.transport = transport  # copied by weight_sync.channel.EngineChannel for its own clients
         self._seq = itertools.count()
 
     @classmethod
@@ -282,7 +297,8 @@ class SGLangClient:
 
         ``policy_version=None`` leaves the engine's weight version unchanged (buckets before the
         last one of a sync); ``load_format="flattened_bucket"``: the bucket comes as one flat
-        uint8 broadcast.
+        uint8 broadcast. sglang >= 0.5.21 refuses it outside ``begin_weight_update`` /
+        ``end_weight_update`` (see ``weight_update_window``).
         """
         body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
                                 "flush_cache": flush_cache}
@@ -306,7 +322,8 @@ class SGLangClient:
                                          load_format: Optional[str] = None, flush_cache: bool = True) -> dict:
         """Colocated update (``/update_weights_from_tensor``); tensors serialized by SGLang's
         ``MultiprocessingSerializer`` and base64-encoded by the caller (one string per engine TP
-        rank). ``policy_version=None`` leaves the engine's weight version unchanged."""
+        rank). ``policy_version=None`` leaves the engine's weight version unchanged. Needs an open
+        ``weight_update_window`` on sglang >= 0.5.21."""
         body: dict[str, Any] = {"serialized_named_tensors": serialized_named_tensors, "flush_cache": flush_cache}
         if policy_version is not None:
             body["weight_version"] = str(int(policy_version))
@@ -318,6 +335,64 @@ class SGLangClient:
         if policy_version is not None:
             self.policy_version = int(policy_version)
         return result
+
+    async def begin_weight_update(self, selector: str = "all") -> bool:
+        """Open the engine's weight-update window (``/begin_weight_update``, sglang >= 0.5.21).
+
+        Returns True when a window was opened, False on servers without windows (detected once
+        from ``/server_info``'s ``version``; a server without a version is probed: 404 = none).
+        A window left open by an earlier, interrupted sync is closed and opened again.
+        """
+        known = getattr(self, "_weight_window", None)
+        if known is False:
+            return False
+        if known is None:
+            version = parse_version((await self.server_info()).get("version"))
+            if version is not None and version < WEIGHT_WINDOW_MIN_VERSION:
+                self._weight_window = False
+                return False
+        for attempt in range(2):
+            try:
+                await self.request("POST", "/begin_weight_update", json={"selector": selector}, retry=False)
+            except EngineHTTPError as exc:
+                if exc.status_code in (404, 405) and known is None:
+                    logger.info("%s has no /begin_weight_update (sglang < 0.5.21): no update window", self.url)
+                    self._weight_window = False
+                    return False
+                if attempt == 0 and exc.status_code == 400 and "already open" in exc.body:
+                    logger.warning("%s: a weight-update window was left open (interrupted sync?); closing it",
+                                   self.url)
+                    await self.end_weight_update()
+                    continue
+                raise RolloutEngineError(f"{self.url}/begin_weight_update failed: {exc}") from exc
+            break
+        self._weight_window = True
+        return True
+
+    async def end_weight_update(self) -> None:
+        """Close the window ``begin_weight_update`` opened (``/end_weight_update``)."""
+        try:
+            await self.request("POST", "/end_weight_update", json={}, retry=False)
+        except EngineHTTPError as exc:
+            raise RolloutEngineError(f"{self.url}/end_weight_update failed: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def weight_update_window(self, selector: str = "all") -> Any:
+        """``async with client.weight_update_window():`` around ``update_weights_from_distributed`` /
+        ``update_weights_from_tensor`` calls; a no-op on servers without windows. The window is
+        closed on the way out, also after an error (a close error then is only logged)."""
+        opened = await self.begin_weight_update(selector)
+        try:
+            yield opened
+        except BaseException:
+            if opened:
+                try:
+                    await self.end_weight_update()
+                except Exception as exc:  # noqa: BLE001 - the body's error is the one to report
+                    logger.warning("closing the weight-update window of %s failed: %s", self.url, exc)
+            raise
+        if opened:
+            await self.end_weight_update()
 
     async def pause_generation(self, mode: str = "abort") -> None:
         """Pause the engine: ``abort`` (running requests return partial), ``retract`` or ``in_place``."""

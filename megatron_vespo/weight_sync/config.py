@@ -23,8 +23,10 @@ class WeightSyncConfig(Section):
     ``backend``: process-group backend of the ``distributed`` path; ``auto`` = nccl with CUDA,
     gloo without. ``master_address`` / ``master_port``: where training rank 0 listens for the
     engines (default: 127.0.0.1 when every engine is local, else this host's address; port 0 =
-    a free one). ``flattened_bucket``: send each bucket as one flat uint8 tensor (SGLang's
-    ``load_format="flattened_bucket"``, one broadcast per bucket instead of one per tensor).
+    a free one). ``flattened_bucket`` (default on): send each bucket as one flat uint8 tensor
+    (SGLang's ``load_format="flattened_bucket"``, one broadcast per bucket instead of one per
+    tensor: ~19k broadcasts fewer per Qwen3-30B-A3B sync); turn it off only for servers that
+    predate it.
     ``init_timeout_s`` bounds the group rendezvous, ``op_timeout_s`` every broadcast.
     ``keep_last``: exported versions kept on disk by the ``disk`` path.
     """
@@ -35,7 +37,7 @@ class WeightSyncConfig(Section):
     master_address: Optional[str] = None
     master_port: int = Field(0, ge=0, le=65535)
     group_name: str = Field("weight_update_group", min_length=1)
-    flattened_bucket: bool = False
+    flattened_bucket: bool = True
     init_timeout_s: float = Field(300.0, gt=0)
     op_timeout_s: float = Field(600.0, gt=0)
     keep_last: int = Field(2, ge=1)

@@ -94,8 +94,9 @@ class TrainerGroup:
 
     ``__init__`` starts the TCPStore (non-blocking; ``port`` is then known, port 0 = a free
     one); :meth:`connect` builds the backend and blocks until every engine rank has joined
-    (gloo) or returns at once (nccl connects lazily on the first broadcast); :meth:`broadcast`
-    starts broadcasts from rank 0 and returns their work handles without waiting.
+    (gloo) or returns at once (nccl connects lazily on the first broadcast, ``formed`` tells);
+    :meth:`broadcast` starts broadcasts from rank 0 and returns their work handles. Call both
+    from a thread that sends no engine request (``channel.CollectiveThread``): they can block.
     """
 
     def __init__(self, backend: str, world_size: int, *, master_address: str, master_port: int = 0,
@@ -112,6 +113,10 @@ class TrainerGroup:
                                                 timedelta(seconds=init_timeout_s + 5), wait_for_workers=False)
         self.port = int(self.store.port)
         self.pg: Optional[Any] = None
+        # every rank connected: gloo in connect(); NCCL only inside the first broadcast, which the
+        # engines join when they receive the first bucket's request (sglang's init_custom_process_group
+        # passes no device_id, so its communicator is lazy too)
+        self.formed = False
 
     def _prefixed_store(self) -> Any:
         prefix = torch.distributed.PrefixStore
@@ -129,6 +134,7 @@ class TrainerGroup:
             opts._timeout = self.op_timeout
             self.pg = torch.distributed.ProcessGroupNCCL(store, 0, self.world_size, opts)
         self.store.set_timeout(self.op_timeout)
+        self.formed = self.backend == "gloo"
 
     def broadcast(self, tensors: Sequence[torch.Tensor]) -> list[Any]:
         """Start one broadcast from rank 0 per tensor, in order; returns the work handles."""

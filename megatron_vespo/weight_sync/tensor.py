@@ -10,7 +10,10 @@ rebuilds ``flat[start:end].view(dtype).reshape(shape)``. SGLang's allowlist unpi
 its own ``FlattenedTensorMetadata`` and ``types.SimpleNamespace``; we use the former when
 sglang is importable (colocated jobs usually have it) and the latter otherwise. A CUDA tensor
 pickles as an IPC handle: the engine maps the trainer's memory, so the trainer keeps the bucket
-alive until the engine has answered. A CPU tensor pickles as a named shared-memory file
+alive until the engine has answered. sglang >= 0.5.21 refuses the call outside a weight-update
+window, so rank 0 opens one per engine (``/begin_weight_update``) before the first bucket and
+closes it after the last (``SGLangClient.begin_weight_update`` detects older servers).
+A CPU tensor pickles as a named shared-memory file
 (``/dev/shm``), which is how the embedded engine exercises this path on CPU.
 
 Layout: colocated engine ``e`` with TP size T runs on the GPUs of training ranks ``e*T ..
@@ -154,6 +157,25 @@ class TensorWeightSync:
         errors = [f"{type(r).__name__}: {r}" for r in run(go()) if isinstance(r, BaseException)]
         return "; ".join(errors) or None
 
+    @staticmethod
+    def _windows(clients: Sequence[Any], run: Callable[[Awaitable[Any]], Any], what: str,
+                 which: list[bool]) -> tuple[list[bool], Optional[str]]:
+        """``begin``/``end_weight_update`` on the engines flagged in ``which``: (opened, error)."""
+        async def go() -> list[Any]:
+            calls = [c.begin_weight_update() if what == "begin" else c.end_weight_update()
+                     for c, w in zip(clients, which) if w]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        try:
+            results = run(go())
+        except Exception as exc:  # noqa: BLE001 - reported like an engine's error
+            results = [exc] * sum(which)
+        opened = [r is True for r in results] if what == "begin" else []
+        errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+        if errors and what == "begin" and any(opened):
+            TensorWeightSync._windows([c for c, o in zip(clients, opened) if o], run, "end", [True] * sum(opened))
+            opened = []
+        return opened, (f"weight-update window ({what}) failed: " + "; ".join(errors)) if errors else None
+
     @torch.no_grad()
     def push(self, model: Any, version: int, clients: Optional[Sequence[Any]] = None,
              run: Optional[Callable[[Awaitable[Any]], Any]] = None) -> dict[str, float]:
@@ -170,18 +192,27 @@ class TensorWeightSync:
         elif world % self.tp or (rank == 0 and len(clients) != world // self.tp):
             error = (f"colocated engines: {world} training ranks must equal engines x engine_tp_size "
                      f"({len(clients or [])} x {self.tp})")
+        opened: list[bool] = []
+        if rank == 0 and error is None:  # sglang >= 0.5.21 refuses the update outside a window
+            opened, error = self._windows(clients, run, "begin", [True] * len(clients))
         if world > 1:  # rank 0 decides, every rank raises: the others would wait in the export's collectives
             box = [error]
             torch.distributed.broadcast_object_list(box, src=0)
             error = box[0]
         if error is not None:
-            raise ValueError(error)
+            raise (RuntimeError if "window" in error else ValueError)(error)
         t0, nbytes, nbuckets = time.perf_counter(), 0, 0
         buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.dtype)
-        for bucket, last in with_last(buckets):  # the last bucket carries the version and the cache flush
-            self._send(bucket, last, version, clients, run, rank, world)
-            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            nbuckets += 1
+        try:
+            for bucket, last in with_last(buckets):  # the last bucket carries the version and the cache flush
+                self._send(bucket, last, version, clients, run, rank, world)
+                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                nbuckets += 1
+        finally:
+            if rank == 0 and any(opened):
+                _, end_error = self._windows(clients, run, "end", opened)
+                if end_error is not None:
+                    logger.error("%s", end_error)
         return {"weight_sync/total_s": time.perf_counter() - t0, "weight_sync/bytes": float(nbytes),
                 "weight_sync/buckets": float(nbuckets)}
 

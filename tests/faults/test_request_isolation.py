@@ -69,6 +69,8 @@ BAD = [
     ("/update_weights_from_tensor", {"serialized_named_tensors": "abc"}, "serialized_named_tensors"),
     ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": "x", "rank_offset": 1,
                                     "world_size": 2}, "master_port"),
+    ("/begin_weight_update", "[1]", "JSON object"),
+    ("/begin_weight_update", {"selector": "everything"}, "selector"),
 ]
 
 

@@ -48,7 +48,7 @@ def _one_rank(rank, world):
     try:
         out["before"] = greedy(client, run, PROMPT)
         fill_nan(handle.engine)
-        sync = DistributedWeightSync(hf_cfg, _cfg())
+        sync = DistributedWeightSync(hf_cfg, _cfg(flattened_bucket=False))  # one broadcast per tensor
         out["metrics"] = sync.push(model, 3, clients=[client], run=run)
         out["nan_after_push"] = nan_params(handle.engine)
         out["mismatch_after_push"] = mismatches(handle.engine, ref)
@@ -58,6 +58,17 @@ def _one_rank(rank, world):
 
         # bad buckets: refused after being received, nothing applied, the group still works
         kept = engine_state(handle.engine)["model.norm.weight"].clone()
+        out["window_closed_after_push"] = not handle.engine.weight_window.is_open
+        out["windows_opened"] = handle.engine.weight_window.opened
+        # outside a window the engine refuses before receiving (sglang >= 0.5.21): the group is given up
+        try:
+            sync.send_bucket([("model.norm.weight", torch.full((64,), 5.0))], run, version=98)
+            out["no_window"] = "no error"
+        except Exception as exc:  # noqa: BLE001
+            out["no_window"] = f"{type(exc).__name__}: {exc}"
+        out["connected_after_no_window"] = sync.group is not None
+        sync.connect([client], run)
+        sync.open_windows(run)
         for key, bucket in (("bad_name", [("model.norm.weight", torch.full((64,), 5.0)),
                                           ("model.layers.0.mlp.experts.99.gate_proj.weight", torch.zeros(32, 64))]),
                             ("bad_shape", [("model.norm.weight", torch.zeros(3))]),
@@ -67,6 +78,7 @@ def _one_rank(rank, world):
                 out[key] = "no error"
             except Exception as exc:  # noqa: BLE001
                 out[key] = f"{type(exc).__name__}: {exc}"
+        sync.close_windows(run)
         out["norm_kept"] = torch.equal(engine_state(handle.engine)["model.norm.weight"], kept)
         out["version_after_bad"] = run(client.weight_version())
         with torch.no_grad():
@@ -78,7 +90,7 @@ def _one_rank(rank, world):
 
         # flattened_bucket: one broadcast per bucket, through a new group (the old one is torn down first)
         sync.disconnect(run)
-        flat = DistributedWeightSync(hf_cfg, _cfg(flattened_bucket=True))
+        flat = DistributedWeightSync(hf_cfg, _cfg())  # flattened_bucket is the default
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.01)
@@ -99,7 +111,9 @@ def _one_rank(rank, world):
             for p in model.parameters():
                 p.mul_(-1.0)
         ref4 = export_hf_state_dict(model, hf_cfg)
+        opened = handle.engine.weight_window.opened
         out["tensor"] = TensorWeightSync(hf_cfg, _cfg()).push(model, 6, clients=[client], run=run)
+        out["tensor_windows"] = (handle.engine.weight_window.opened - opened, handle.engine.weight_window.is_open)
         out["mismatch_tensor"] = mismatches(handle.engine, ref4)
         out["version_tensor"] = run(client.weight_version())
     finally:
@@ -138,6 +152,14 @@ def test_generation_changes_and_version_is_tagged(one_rank):
     assert r["version"] == "3" and r["after"][2] == 3
 
 
+def test_push_opens_and_closes_the_update_window(one_rank):
+    """sglang 0.5.21-0.5.23 refuse update_weights_from_distributed outside begin/end_weight_update."""
+    r = one_rank
+    assert r["window_closed_after_push"] and r["windows_opened"] == 1
+    assert "must run between begin_weight_update() and end_weight_update()" in r["no_window"], r["no_window"]
+    assert not r["connected_after_no_window"]  # the engine never received: the broadcast was abandoned
+
+
 def test_bad_name_and_shape_are_refused_and_change_nothing(one_rank):
     r = one_rank
     assert "not in the served model" in r["bad_name"] and "experts.99.gate_proj" in r["bad_name"]
@@ -154,6 +176,7 @@ def test_flattened_bucket_and_tensor_paths(one_rank):
     assert r["mismatch_flat"] == [] and r["flat"]["weight_sync/connect_s"] > 0
     assert "nccl" in r["nccl"] and "400" in r["nccl"]
     assert r["mismatch_tensor"] == [] and r["version_tensor"] == "6"
+    assert r["tensor_windows"] == (1, False)  # one window around the tensor push, closed after it
 
 
 def _two_ranks(rank, world):

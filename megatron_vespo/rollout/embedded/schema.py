@@ -109,6 +109,12 @@ class PauseIn(_Strict):
     mode: Literal["abort", "retract", "in_place"] = "abort"
 
 
+class BeginWeightUpdateIn(_Strict):
+    """``/begin_weight_update`` (sglang 0.5.21+ ``BeginWeightUpdateReqInput``; an empty body means ``all``)."""
+
+    selector: Literal["target", "draft", "all"] = "all"
+
+
 class UpdateWeightVersionIn(_Strict):
     """``/update_weight_version`` (SGLang ``UpdateWeightVersionReqInput``: ``new_version`` is required)."""
 

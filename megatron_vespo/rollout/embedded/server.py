@@ -11,7 +11,8 @@ cache here: always succeeds), ``/update_weights_from_disk``, ``/update_weight_ve
 paths on CPU: ``/init_weights_update_group`` (gloo only; nccl answers 400),
 ``/update_weights_from_distributed``, ``/destroy_weights_update_group`` and
 ``/update_weights_from_tensor`` (CPU shared-memory tensors from a process on this machine);
-see ``weight_update.py``.
+see ``weight_update.py``. As in sglang 0.5.21-0.5.23, the last two are refused unless a window
+was opened with ``/begin_weight_update`` (closed with ``/end_weight_update``).
 """
 
 import argparse
@@ -31,6 +32,7 @@ from megatron_vespo.rollout.embedded.guards import abort_on_disconnect, watch_pa
 from megatron_vespo.rollout.embedded.requests import render_response
 from megatron_vespo.rollout.embedded.schema import (
     AbortIn,
+    BeginWeightUpdateIn,
     DestroyGroupIn,
     InitGroupIn,
     PauseIn,
@@ -42,11 +44,14 @@ from megatron_vespo.rollout.embedded.schema import (
     parse_body,
     validate,
 )
-from megatron_vespo.rollout.embedded.weight_update import deserialize_named_tensors
+from megatron_vespo.rollout.embedded.weight_update import WeightUpdateWindow, deserialize_named_tensors
 from megatron_vespo.rollout.process import ServerProcess, find_free_port
 from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
+
+# The SGLang server API this engine follows (its /server_info "version"; clients pick features by it).
+EMULATED_SGLANG_VERSION = "0.5.23-embedded"
 
 def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any:
     """The FastAPI app serving ``engine``."""
@@ -126,6 +131,7 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     async def server_info():
         return {**info, "weight_version": engine.weight_version, "random_seed": engine.random_seed,
                 "max_batch_size": engine.max_batch_size, "tp_size": 1,
+                "version": EMULATED_SGLANG_VERSION,
                 "enable_return_routed_experts": engine.capture is not None,
                 "internal_states": [{"generated_tokens": engine.generated_tokens, "paused": engine.paused,
                                      "busy": engine.busy}]}
@@ -187,6 +193,18 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     def answer(ok: bool, msg: str) -> Any:
         return JSONResponse({"success": ok, "message": msg}, status_code=200 if ok else 400)
 
+    # sglang 0.5.21-0.5.23's begin/end_weight_update session, kept on the engine (tests read it)
+    window = engine.weight_window = getattr(engine, "weight_window", None) or WeightUpdateWindow()
+
+    @app.post("/begin_weight_update")
+    async def begin_weight_update(request: Request):
+        raw = await body_of(request)
+        return answer(*window.begin(validate(BeginWeightUpdateIn, {} if raw is None else raw).selector))
+
+    @app.post("/end_weight_update")
+    async def end_weight_update():
+        return answer(*window.end())
+
     @app.post("/init_weights_update_group")
     def init_weights_update_group(body: Any = Body(None)):  # sync: blocks until the group formed
         b = validate(InitGroupIn, body)
@@ -200,6 +218,8 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     @app.post("/update_weights_from_distributed")
     def update_weights_from_distributed(body: Any = Body(None)):
         b = validate(UpdateFromDistributedIn, body)
+        if (refused := window.refusal("update_weights_from_distributed")) is not None:
+            return answer(False, refused)  # like SGLang: before receiving, so the broadcast stays pending
         try:  # receive first, whatever the names: the trainer's broadcast must be consumed
             named = engine.weight_groups.receive(b.group_name, b.names, b.dtypes, b.shapes, b.load_format)
         except ValueError as exc:
@@ -209,6 +229,8 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     @app.post("/update_weights_from_tensor")
     def update_weights_from_tensor(body: Any = Body(None)):
         b = validate(UpdateFromTensorIn, body)
+        if (refused := window.refusal("update_weights_from_tensor")) is not None:
+            return answer(False, refused)
         if len(b.serialized_named_tensors) != 1:  # one entry per TP rank; we have one
             return answer(False, "serialized_named_tensors must be a list with one entry (tp_size 1)")
         try:
