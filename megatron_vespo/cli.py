@@ -22,6 +22,7 @@ _COMPONENT_CLIS = (
     "megatron_vespo.train.cli",
     "megatron_vespo.orchestration.cli",
     "megatron_vespo.observability.cli",
+    "megatron_vespo.plan.cli",
 )
 
 

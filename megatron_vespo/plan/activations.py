@@ -64,7 +64,8 @@ class ActivationInputs:
     last_stage: bool = True
 
     @classmethod
-    def from_hf(cls, hf_cfg: Any, layers: Optional[Iterable[int]] = None, last_stage: bool = True) -> "ActivationInputs":
+    def from_hf(cls, hf_cfg: Any, layers: Optional[Iterable[int]] = None,
+                last_stage: bool = True) -> "ActivationInputs":
         """Dims of ``hf_cfg``; ``layers`` = the global layer ids on this stage (default: all)."""
         from megatron_vespo.models.qwen3_moe import head_dim, moe_layer_pattern
 
