@@ -62,22 +62,23 @@ def seq_len(job: Any) -> int:
     return -(-s // tp) * tp
 
 
-def optimizer_bytes_per_param(params_dtype: str, precision_aware: bool) -> int:
-    """Adam state bytes per parameter: main weights (16-bit params only) + two moments."""
-    if _DTYPE_BYTES[params_dtype] == 4:
-        return 8
-    return (2 if precision_aware else 4) + 8
-
-
 def optimizer_split(shard: Any, job: Any, world: World, mem: MemoryOptions, *, distributed: Optional[bool] = None,
                     precision_aware: Optional[bool] = None) -> float:
-    """GPU bytes of this shard's optimizer states (before offload)."""
+    """GPU bytes of this shard's Adam states (before offload).
+
+    8 bytes per parameter (two fp32 moments) plus fp32 main weights for the 16-bit parameters
+    (4 bytes; 2 with the precision-aware optimizer's 16-bit remainders); parameters that are
+    fp32 already (the local spec's norms) are their own main weights. Dense states are sharded
+    over DP, expert states over the expert DP group, when the distributed optimizer is on.
+    """
     dist = job.parallel.use_distributed_optimizer if distributed is None else distributed
     pa = mem.use_precision_aware_optimizer if precision_aware is None else precision_aware
-    per = optimizer_bytes_per_param(job.model.params_dtype, pa)
+    main = 2 if pa else 4
+    dense = 8 * shard.dense_params + main * (shard.half_params - shard.half_expert_params)
+    expert = 8 * shard.expert_params + main * shard.half_expert_params
+    # megatron shards only when DP > 1 (train/optim.py: the distributed optimizer needs dp_size > 1)
     dp, edp = (world.dp, world.expert_dp) if dist else (1, 1)
-    # megatron shards over DP only when DP > 1 (train/optim.py: use_dist_opt needs dp_size > 1)
-    return per * (shard.dense_params / dp + shard.expert_params / edp)
+    return dense / dp + expert / edp
 
 
 def rank_memory(shard: Any, job: Any, hf_cfg: Any, world: World, mem: MemoryOptions, *,

@@ -91,7 +91,14 @@ def run_plan(job: Any, cluster: ClusterOptions = ClusterOptions(), *, spec: str 
     from megatron_vespo.models.qwen3_moe import get_hf_config, num_moe_layers
     from megatron_vespo.plan.activations import ActivationInputs, micro_batch_activation_bytes
     from megatron_vespo.plan.hf_index import hf_checkpoint_index, hf_model_param_count
-    from megatron_vespo.plan.memory import _DTYPE_BYTES, batch_transfer_bytes, rank_memory, seq_len, verdicts
+    from megatron_vespo.plan.memory import (
+        _DTYPE_BYTES,
+        batch_transfer_bytes,
+        optimizer_split,
+        rank_memory,
+        seq_len,
+        verdicts,
+    )
     from megatron_vespo.plan.sync import sync_plan
 
     hf_cfg = get_hf_config(job.model)
@@ -135,7 +142,9 @@ def run_plan(job: Any, cluster: ClusterOptions = ClusterOptions(), *, spec: str 
                        "expert": build.expert_total, "active": active,
                        "per_rank": [{"rank": sh.rank, "ranks": sh.ranks, "tp": sh.tp, "pp": sh.pp, "ep": sh.ep,
                                      "etp": sh.etp, "params": sh.params, "expert_params": sh.expert_params,
-                                     "bytes": sh.param_bytes, "layers": len(sh.layers)} for sh in build.shards]},
+                                     "bytes": sh.param_bytes, "grad_bytes": 4 * sh.params,
+                                     "optimizer_bytes": optimizer_split(sh, job, world, mem),
+                                     "layers": len(sh.layers)} for sh in build.shards]},
         "conversion": conversion_report(build, index, _names_from_safetensors_index(job.model.hf_path)),
         "memory": {"rank": worst.rank, "seq_len": worst.seq_len, "micro_batch": job.train.micro_batch_size,
                    "micro_batches_in_flight": worst.micro_in_flight, "terms": worst.terms, "total": worst.total,

@@ -56,6 +56,8 @@ class Shard:
     params: int = 0
     expert_params: int = 0
     vocab_params: int = 0  # embedding + output layer (with vocabulary padding)
+    half_params: int = 0  # 16-bit parameters (the optimizer keeps fp32 main copies of these)
+    half_expert_params: int = 0
     param_bytes: int = 0
     layers: list[int] = field(default_factory=list)
     names: list[str] = field(default_factory=list)  # canonical Megatron names held
@@ -226,6 +228,9 @@ def build_shards(hf_cfg: Any, parallel: Any, world_size: int, *, params_dtype: s
             sh.param_bytes += n * lp.param.element_size()
             sh.expert_params += n if lp.rule.expert is not None else 0
             sh.vocab_params += n if lp.rule.vocab else 0
+            if lp.param.element_size() == 2:
+                sh.half_params += n
+                sh.half_expert_params += n if lp.rule.expert is not None else 0
             sh.names.append(lp.rule.mcore)
         sh.layers = [int(layer.layer_number) - 1 for layer in model.decoder.layers]
         sh.build_s = time.perf_counter() - t0
