@@ -197,6 +197,13 @@ def _g(x: float) -> str:
     return ""
 
 
+def _n(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
 def render(plan: dict[str, Any]) -> str:
     """The plan as plain-text tables."""
     lay, par, conv, m, ws = plan["layout"], plan["parameters"], plan["conversion"], plan["memory"], plan["weight_sync"]
@@ -205,8 +212,8 @@ def render(plan: dict[str, Any]) -> str:
              f"({lay['nodes']} node(s) x {lay['gpus_per_node']}); DP {lay['dp']}, expert DP {lay['expert_dp']}",
              f"built {plan['build']['distinct_ranks']} distinct rank shard(s) on meta in {plan['build']['seconds']}s "
              f"({plan['build']['spec']})", "",
-             f"parameters: total {par['total']:,} ({par['total'] / 1e9:.2f}B; HF model {par['hf_model']:,}), "
-             f"active {par['active']:,} ({par['active'] / 1e9:.2f}B), experts {par['expert']:,}",
+             f"parameters: total {par['total']:,} ({_n(par['total'])}; HF model {par['hf_model']:,}), "
+             f"active {par['active']:,} ({_n(par['active'])}), experts {par['expert']:,}",
              f"  {'rank(s)':<18}{'tp':>3}{'pp':>3}{'ep':>4}{'etp':>4}{'params':>16}{'expert':>16}{'bytes':>14}"]
     for r in par["per_rank"]:
         ranks = ",".join(map(str, r["ranks"][:4])) + ("..." if len(r["ranks"]) > 4 else "")
@@ -225,9 +232,8 @@ def render(plan: dict[str, Any]) -> str:
     lines.append(f"  rollout batch received per rank: {_g(m['batch_transfer_per_rank']).strip()}")
     lines.append(f"  host RAM: {_g(m['host_per_rank'])} per rank, {_g(m['host_per_node'])} per node "
                  "(received rollout batch + offloaded optimizer states)")
-    lines.append("  optimizer states: " + "; ".join(f"{k} {v / GiB:.2f} GiB"
-                                                   for k, v in m["optimizer_options"].items()))
-    lines.append("  activations per micro-batch: " + "; ".join(f"{k} {v / GiB:.2f} GiB"
+    lines.append("  optimizer states: " + "; ".join(f"{k} {_g(v).strip()}" for k, v in m["optimizer_options"].items()))
+    lines.append("  activations per micro-batch: " + "; ".join(f"{k} {_g(v).strip()}"
                                                               for k, v in m["activation_options"].items()))
     lines.append(f"  {'GPU':>8}{'usable':>10}{'need':>10}  verdict")
     for v in m["verdicts"]:
@@ -236,7 +242,7 @@ def render(plan: dict[str, Any]) -> str:
         lines.append(f" {mark}{v['gpu_mem_gib']:>6.0f}G{v['usable_gib']:>9.1f}G{v['need_gib']:>9.1f}G  {verdict}")
     lines += ["", f"weight sync ({ws['path']}, {ws['engines']} engine(s) x TP{ws['engine_tp']}, {ws['dtype']}): "
                   f"{ws['buckets']} buckets of <= {ws['bucket_mb']:g} MiB, {ws['tensors']:,} tensors, "
-                  f"{ws['bytes'] / GiB:.2f} GiB; {ws['http_calls']} HTTP calls, {ws['broadcasts']} broadcasts; "
+                  f"{_g(ws['bytes']).strip()}; {ws['http_calls']} HTTP calls, {ws['broadcasts']} broadcasts; "
                   f"trainer export {ws['export_collectives']}; ~{ws['seconds']:.1f}s at {ws['link_gbps']:g} Gbit/s"]
     if plan["problems"]:
         lines += ["", "PROBLEMS:"] + [f"  - {p}" for p in plan["problems"]]
