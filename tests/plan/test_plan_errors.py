@@ -102,7 +102,8 @@ def test_missing_checkpoint_directory_names_model_hf_path(tmp_path, caplog):
 def test_shipped_tensor_index_is_the_config_derivation_and_has_the_published_count():
     import transformers
 
-    cfg = transformers.AutoConfig.from_pretrained(CONFIG_30B)  # config.json only
+    assert sorted(p.name for p in CONFIG_30B.iterdir()) == ["config.json"]  # what the 30B plans start from
+    cfg = transformers.AutoConfig.from_pretrained(CONFIG_30B)
     index = read_index(INDEX_30B)
     assert index == hf_checkpoint_index(cfg)
     per_layer = 4 + 2 + 2 + 1 + cfg.num_experts * 3  # q/k/v/o, q/k norms, 2 layer norms, router, experts
