@@ -108,7 +108,8 @@ def run_plan(job: Any, cluster: ClusterOptions = ClusterOptions(), *, spec: str 
     mem = MemoryOptions.from_job(job)
     index = index if index is not None else hf_checkpoint_index(hf_cfg)
     build = cached_build(hf_cfg, job.parallel, world.size, params_dtype=job.model.params_dtype, index=index,
-                         bucket_bytes=job.weight_sync.bucket_bytes, export_dtype=job.weight_sync.dtype,
+                         bucket_bytes=job.weight_sync.bucket_bytes,
+                         export_dtype=getattr(job.weight_sync, "export_dtype", job.weight_sync.dtype),
                          **job.model.transformer_overrides)
     hf_count = hf_model_param_count(hf_cfg)
     k, n_exp = int(getattr(hf_cfg, "num_experts_per_tok", 0) or 0), int(getattr(hf_cfg, "num_experts", 0) or 0)

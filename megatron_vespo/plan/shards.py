@@ -191,11 +191,14 @@ def _shard_layout(coords: tuple, parallel: Any) -> Any:
 
 def build_shards(hf_cfg: Any, parallel: Any, world_size: int, *, params_dtype: str = "bfloat16",
                  index: Optional[dict[str, tuple]] = None, bucket_bytes: int = 512 * 2**20,
-                 export_dtype: Optional[str] = None, **tf_overrides: Any) -> BuildResult:
+                 export_dtype: Any = None, **tf_overrides: Any) -> BuildResult:
     """Build every distinct rank's shard on meta and run the export/import mapping on them.
 
     ``index`` is the checkpoint's ``{name: shape}`` the import reads (default: derived from the
-    config, :func:`megatron_vespo.plan.hf_index.hf_checkpoint_index`). ``tf_overrides`` are extra
+    config, :func:`megatron_vespo.plan.hf_index.hf_checkpoint_index`). ``export_dtype`` is the weight
+    sync's export dtype (a float dtype name, or another format ``iter_hf_weights`` accepts, whose
+    buckets then come from a second pass while the names and shapes are checked in the model's
+    dtype). ``tf_overrides`` are extra
     ``TransformerConfig`` fields (the job's ``model.transformer_overrides``). Needs a process
     without an initialised ``torch.distributed`` (the fake group takes its place).
     """
@@ -256,15 +259,21 @@ def build_shards(hf_cfg: Any, parallel: Any, world_size: int, *, params_dtype: s
     imported: set[str] = set()
     reads = 0
     first = shards[0]
+    plain = export_dtype is None or str(export_dtype).replace("torch.", "") in ("float32", "bfloat16", "float16")
     with fake_rank(parallel, first.rank, world_size), _gather_from_shards(shard_of):
+        model0 = models[(first.tp, first.pp, first.ep, first.etp)]
         with _count_collectives(collectives):
-            for bucket in iter_hf_weights(models[(first.tp, first.pp, first.ep, first.etp)], dims,
-                                          bucket_bytes=bucket_bytes, dtype=export_dtype):
-                buckets.append((len(bucket), sum(t.numel() * t.element_size() for _, t in bucket)))
+            for bucket in iter_hf_weights(model0, dims, bucket_bytes=bucket_bytes,
+                                          dtype=export_dtype if plain else None):
+                if plain:
+                    buckets.append((len(bucket), sum(t.numel() * t.element_size() for _, t in bucket)))
                 for name, t in bucket:
                     if name in export:
                         raise RuntimeError(f"the export produced '{name}' twice")
                     export[name] = tuple(t.shape)
+        if not plain:  # e.g. block FP8 for an FP8 engine: extra scale tensors, so buckets from a second pass
+            for bucket in iter_hf_weights(model0, dims, bucket_bytes=bucket_bytes, dtype=export_dtype):
+                buckets.append((len(bucket), sum(t.numel() * t.element_size() for _, t in bucket)))
         for c, model in models.items():
             reader = _MetaReader(index, reader_dtype)
             load_hf_weights(model, reader, dims, _shard_layout(c, parallel))
