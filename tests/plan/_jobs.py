@@ -30,16 +30,29 @@ def is_qwen3_30b(data: dict) -> bool:
 
 
 def job_from(data: dict) -> JobConfig:
-    """Validate a job dict with ``model.hf_path`` pointed at the test config.json directory."""
+    """Validate a job dict; a Qwen3-30B-A3B ``model.hf_path`` is pointed at the test config.json directory."""
     data = copy.deepcopy(data)
-    if (data.get("model") or {}).get("hf_path"):
+    if is_qwen3_30b(data) and (data.get("model") or {}).get("hf_path"):
         data["model"]["hf_path"] = str(CONFIG_30B)
     return validate(JobConfig, data)
 
 
 def shipped_job(path: Path) -> tuple[dict, JobConfig]:
-    """(raw YAML dict, validated job) of a shipped config."""
+    """(raw YAML dict, validated job) of a shipped config.
+
+    A config whose ``model.hf_path`` is a checkpoint made by a repo tool (not stored in the repo,
+    e.g. ``outputs/...``) cannot be planned before that tool ran: the test is skipped saying so.
+    """
     data = load_yaml(path)
+    hf_path = (data.get("model") or {}).get("hf_path")
+    if hf_path and not is_qwen3_30b(data) and not (ROOT / hf_path).joinpath("config.json").is_file() \
+            and not Path(hf_path).joinpath("config.json").is_file():
+        import pytest
+
+        pytest.skip(f"{path.name}: model.hf_path {hf_path} has no config.json in this checkout (a checkpoint a "
+                    "tool prepares); plan it after preparing it")
+    if hf_path and not is_qwen3_30b(data) and (ROOT / hf_path).is_dir():
+        data["model"]["hf_path"] = str(ROOT / hf_path)
     return data, job_from(data)
 
 
