@@ -120,3 +120,23 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_garbage():
     with pytest.raises(ConfigError, match="--gpu-mem 'lots'"):
         parse_size("lots", "--gpu-mem")
+
+
+def test_pipeline_and_expert_parallel_layout_plans_with_full_coverage():
+    # 4 layers over 2 stages x EP2: the export's pipeline-owner table and broadcasts run on the fake group
+    from megatron_vespo.plan.report import run_plan
+
+    job = job_from({"model": {"preset": "tiny-4l"},
+                    "parallel": {"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2},
+                    "train": {"rollout_batch_size": 8, "mini_batch_size": 8, "micro_batch_size": 1}})
+    plan = run_plan(job, ClusterOptions(gpus_per_node=4))
+    par, conv = plan["parameters"], plan["conversion"]
+    assert plan["layout"]["world"] == 4 and len(par["per_rank"]) == 4
+    assert {(r["pp"], r["ep"]) for r in par["per_rank"]} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert all(r["layers"] == 2 for r in par["per_rank"])
+    assert par["total"] == par["hf_model"]
+    assert conv["matched"] == conv["expected"] and not conv["not_imported"]
+    assert plan["weight_sync"]["export_collectives"].get("broadcast", 0) > 0
+    # 1F1B: the first stage holds 2 micro-batches of activations, the last one 1
+    assert plan["memory"]["micro_batches_in_flight"] in (1, 2)
+    assert plan["problems"] == []
