@@ -140,3 +140,22 @@ def test_pipeline_and_expert_parallel_layout_plans_with_full_coverage():
     # 1F1B: the first stage holds 2 micro-batches of activations, the last one 1
     assert plan["memory"]["micro_batches_in_flight"] in (1, 2)
     assert plan["problems"] == []
+
+
+def test_any_qwen3_moe_from_its_config_alone(tmp_path):
+    # Qwen3-235B-A22B's published architecture, written as a config.json-only directory: nothing in
+    # the planner is specific to the 30B numbers
+    cfg = json.loads((CONFIG_30B / "config.json").read_text())
+    cfg.update(hidden_size=4096, intermediate_size=12288, num_hidden_layers=94, num_attention_heads=64,
+               moe_intermediate_size=1536, max_window_layers=94)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    from megatron_vespo.plan.report import run_plan
+
+    data = ep8_job_dict()
+    data["model"]["hf_path"] = str(tmp_path)
+    plan = run_plan(job_from(data))
+    par, conv = plan["parameters"], plan["conversion"]
+    assert par["total"] == par["hf_model"] and abs(par["total"] / 235e9 - 1) < 0.01  # published: 235B
+    assert abs(par["active"] / 22e9 - 1) < 0.05  # published: 22B activated
+    assert conv["matched"] == conv["expected"] == 94 * (9 + 128 * 3) + 3
+    assert any(p.startswith("memory:") for p in plan["problems"])  # 235B does not fit one 8 x 80 GB node
