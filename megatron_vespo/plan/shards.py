@@ -210,6 +210,15 @@ def build_shards(hf_cfg: Any, parallel: Any, world_size: int, *, params_dtype: s
     if torch.distributed.is_initialized():
         raise RuntimeError("build_shards needs a process without an initialised torch.distributed "
                            "(it joins a fake process group per rank)")
+    if torch.cuda.is_available():
+        # a GPU login node: the meta build must take the CPU code paths too (no .cuda(), CPU-side
+        # initialisation, no CUDA RNG), so the compat layer is forced and CUDA hidden for the build
+        from unittest import mock
+
+        apply_cpu_compat(force=True)
+        with mock.patch.object(torch.cuda, "is_available", lambda: False):
+            return build_shards(hf_cfg, parallel, world_size, params_dtype=params_dtype, index=index,
+                                bucket_bytes=bucket_bytes, export_dtype=export_dtype, **tf_overrides)
     apply_cpu_compat()
     t_all = time.perf_counter()
     dims = as_dims(hf_cfg)

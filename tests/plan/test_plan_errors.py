@@ -159,3 +159,24 @@ def test_any_qwen3_moe_from_its_config_alone(tmp_path):
     assert abs(par["active"] / 22e9 - 1) < 0.05  # published: 22B activated
     assert conv["matched"] == conv["expected"] == 94 * (9 + 128 * 3) + 3
     assert any(p.startswith("memory:") for p in plan["problems"])  # 235B does not fit one 8 x 80 GB node
+
+
+def test_build_on_a_machine_that_reports_cuda_stays_on_meta():
+    # a GPU login node: the meta build must not move shards to the GPU or initialise on it
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        torch.cuda.is_available = lambda: True  # what a GPU login node reports
+        import transformers
+        from megatron_vespo.models.presets import preset_kwargs
+        from megatron_vespo.plan.shards import build_shards
+        from megatron_vespo.train.config import ParallelConfig
+        r = build_shards(transformers.Qwen3MoeConfig(**preset_kwargs("tiny")), ParallelConfig(), 1,
+                         params_dtype="float32")
+        assert torch.cuda.is_available() and r.total == 157056 and len(r.export) == 69, r.total
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
