@@ -230,6 +230,9 @@ def render(plan: dict[str, Any]) -> str:
                   f"{m['micro_batches_in_flight']} in flight):"]
     lines += [f"  {name:<24}{_g(v)}" for name, v in m["terms"].items()]
     lines.append(f"  {'total':<24}{_g(m['total'])}   largest: {m['largest']}")
+    totals = list(m["per_rank_total"].values())
+    if len(totals) > 1 and min(totals) != max(totals):
+        lines.append(f"  other ranks: {_g(min(totals)).strip()} .. {_g(max(totals)).strip()} (pipeline stages differ)")
     lines.append(f"  rollout batch received per rank: {_g(m['batch_transfer_per_rank']).strip()}")
     lines.append(f"  host RAM: {_g(m['host_per_rank'])} per rank, {_g(m['host_per_node'])} per node "
                  "(received rollout batch + offloaded optimizer states)")
