@@ -23,6 +23,7 @@ _COMPONENT_CLIS = (
     "megatron_vespo.orchestration.cli",
     "megatron_vespo.observability.cli",
     "megatron_vespo.evaluation.cli",
+    "megatron_vespo.plan.cli",
 )
 
 
