@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from megatron_vespo.utils.io import make_public_like_mkdir
 from megatron_vespo.utils.net import free_port
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def dist_atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             check_output_dir(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+            make_public_like_mkdir(tmp)  # not mkdtemp's 0700: an engine running as another user reads it
         except (OSError, ValueError) as exc:
             err = str(exc)
     tmp, err = broadcast_object((tmp, err))

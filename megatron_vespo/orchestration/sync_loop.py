@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 
+from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.config.job import JobConfig
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
             t1 = time.perf_counter()
             updates = actor.train_on_rollout(batch)
             t2 = time.perf_counter()
+            fault_point("trained", it)  # tests: kill -9 with the updates done, nothing synced or saved
             version += 1
             smetrics = sync.update(actor.model, version, engines)
             summary = s.log_iteration(mlog, it, version, updates, {**rmetrics, **smetrics}, t2 - t1,
@@ -65,7 +67,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
                 logger.info("rollout %d/%d: reward %.3f, loss %.4f, %.1fs", it, job.loop.num_rollouts,
                             summary.get("rollout/reward_mean", float("nan")), summary["train/loss_last"],
                             summary["time/iteration_s"])
-            s.save(it, version, dataset.state_dict())
+            s.save(it, version, dataset.state_dict(), engines.router.state_dict() if rank0 else None)
     finally:
         mlog.close()
         sync.close(engines)
