@@ -163,6 +163,10 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
+        from megatron_vespo.checkpoint.trainer_ckpt import remove_leftovers
+
+        for d in (out, out / "weights"):  # what a killed run's atomic writes left (weight exports: model-sized)
+            remove_leftovers(d)
         with atomic_path(out / "config.yaml") as fh:
             fh.write(dump_config(job))
     ckpt = Checkpointer(job.checkpoint, actor.hf_cfg, source_dir=job.model.hf_path)

@@ -43,7 +43,12 @@ def test_kill_after_training_then_resume_is_bit_identical(reference, tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     train(out, ckpt, *RUN, fault="trained@3")
     assert latest_iteration(ckpt) == 2
+    # what a kill during a weight export or a config write leaves (exports are model-sized)
+    (out / "weights" / ".v000003.k3j2.partial").mkdir(parents=True)
+    (out / "weights" / ".v000003.k3j2.partial" / "model.safetensors").write_bytes(b"x" * 4096)
+    (out / ".config.yaml.a8f1.tmp").write_text("half")
     train(out, ckpt, *RUN)
+    assert not (out / "weights" / ".v000003.k3j2.partial").exists() and not (out / ".config.yaml.a8f1.tmp").exists()
     rows = read_rows(out)
     _assert_same_run(rows, ckpt, reference)
     # the seed counter and the update count continued: optimizer_step runs on without a restart
