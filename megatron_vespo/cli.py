@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise
-        # a full disk: checkpoint.trainer_ckpt.DiskFullError names the directory and the free space
+        # a full disk: checkpoint.safety.DiskFullError names the directory and the free space
         log.debug("traceback", exc_info=True)
         log.error("%s (--log-level DEBUG shows the traceback)", exc)
         return 1

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_vespo.checkpoint import trainer_ckpt
+from megatron_vespo.checkpoint import safety, trainer_ckpt
 from megatron_vespo.checkpoint.config import CheckpointConfig
 from megatron_vespo.checkpoint.trainer_ckpt import LATEST_NAME, latest_iteration, list_iterations
 
@@ -41,7 +41,7 @@ def _checkpointer(save_dir, **kw):
 
 
 def _saved_state(ckpt_dir: Path) -> dict:
-    return trainer_ckpt.safe_torch_load(ckpt_dir / "trainer_state.pt")["state"]
+    return safety.safe_torch_load(ckpt_dir / "trainer_state.pt")["state"]
 
 
 # ----------------------------------------------------------------------------- killed between rename and pointer
@@ -117,7 +117,7 @@ def test_full_disk_during_save_says_so_and_where(tmp_path, monkeypatch):
         # the next save's "weights" leave ~2 KB: the RNG file (torch.save, ~6 KB) hits ENOSPC
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
         monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _stub_writer(payload=free - 2048 - 3 * 4096))
-        with pytest.raises(trainer_ckpt.DiskFullError) as info:
+        with pytest.raises(safety.DiskFullError) as info:
             trainer_ckpt.save_trainer_checkpoint(save, 2, model=None, hf_cfg={}, keep_last=2)
         msg = str(info.value)
         assert "disk full" in msg and str(save) in msg and "iteration 1" in msg, msg
@@ -137,16 +137,16 @@ def test_enospc_errno_anywhere_in_the_chain_is_a_full_disk(tmp_path):
         except OSError as exc:
             raise RuntimeError("dist_checkpointing save failed") from exc
     except RuntimeError as outer:
-        err = trainer_ckpt.explain_disk_full(outer, tmp_path, "exporting weights")
-    assert isinstance(err, trainer_ckpt.DiskFullError) and str(tmp_path) in str(err)
-    assert trainer_ckpt.explain_disk_full(RuntimeError("shape mismatch"), tmp_path, "x") is None
+        err = safety.explain_disk_full(outer, tmp_path, "exporting weights")
+    assert isinstance(err, safety.DiskFullError) and str(tmp_path) in str(err)
+    assert safety.explain_disk_full(RuntimeError("shape mismatch"), tmp_path, "x") is None
 
 
 def test_the_cli_reports_a_full_disk_in_one_line(monkeypatch, caplog):
     from megatron_vespo import cli
 
     def boom(args):
-        raise trainer_ckpt.DiskFullError(errno.ENOSPC, "disk full while saving checkpoint iteration 3: ...")
+        raise safety.DiskFullError(errno.ENOSPC, "disk full while saving checkpoint iteration 3: ...")
 
     parser = cli.build_parser()
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
