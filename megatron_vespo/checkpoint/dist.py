@@ -85,7 +85,8 @@ def dist_atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     Rank 0 creates ``.<name>.XXXX.partial`` next to ``path`` and renames it to ``path`` after every
     rank left the block without an exception. Exceptions inside the block must not leave other
-    ranks blocked in a collective (validate inputs before entering).
+    ranks blocked in a collective (validate inputs before entering). A full disk inside the block
+    is raised as ``checkpoint.safety.DiskFullError`` naming ``path`` and its free space.
     """
     path = Path(path)
     tmp = None
@@ -105,6 +106,14 @@ def dist_atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         ok = True
+    except Exception as exc:
+        from megatron_vespo.checkpoint.safety import DiskFullError, explain_disk_full
+
+        # measured before the cleanup below frees the space: a full disk is named as such
+        full = None if isinstance(exc, DiskFullError) else explain_disk_full(exc, path, f"writing {path}")
+        if full is None:
+            raise
+        raise full from exc
     finally:
         everyone = all_ok(ok)
         if rank() == 0:

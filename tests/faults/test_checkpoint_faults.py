@@ -293,3 +293,21 @@ def test_the_single_process_group_listens_on_no_external_interface(tmp_path):
     listening = proc.stdout.split()
     loopback = ("0100007F:", "0000000000000000FFFF00000100007F:", "00000000000000000000000001000000:")
     assert all(a.startswith(loopback) for a in listening), f"listening beyond loopback: {listening}"
+
+
+def test_a_full_disk_during_a_weight_export_is_named(tmp_path):
+    """Every atomic checkpoint / export directory (dist_atomic_dir) names a full disk, not only the trainer's."""
+    from megatron_vespo.checkpoint.dist import dist_atomic_dir
+
+    disk = tmp_path / "disk"
+    _tiny_tmpfs(disk, "256k")
+    try:
+        with pytest.raises(safety.DiskFullError, match=r"disk full while writing .*v000003"):
+            with dist_atomic_dir(disk / "weights" / "v000003") as d:
+                with open(d / "model.safetensors", "wb") as fh:
+                    fh.write(b"\0" * 512 * 1024)
+                    fh.flush()
+        assert list((disk / "weights").iterdir()) == []
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
