@@ -139,6 +139,13 @@ class Checkpointer:
 
         ckpt_due, hf_due = self.due(iteration)
         written = []
+        # the HF export first: a kill during it leaves the pointer on the previous iteration, so the
+        # resumed run writes both again (the other order would lose this iteration's export)
+        if hf_due and self.cfg.save_dir:
+            out = Path(self.cfg.save_dir) / "hf" / f"iter_{iteration:07d}"
+            if not out.exists():
+                written.append(save_hf_checkpoint(model, self.hf_cfg, out, source_dir=self.source_dir,
+                                                  dtype=self.cfg.hf_export_dtype))
         if (ckpt_due or force) and self.cfg.save_dir:
             latest = latest_iteration(self.cfg.save_dir)
             if iteration_dir(self.cfg.save_dir, iteration).exists() and latest is not None and iteration <= latest:
@@ -148,10 +155,5 @@ class Checkpointer:
                 written.append(save_trainer_checkpoint(
                     self.cfg.save_dir, iteration, model=model, hf_cfg=self.hf_cfg, optimizer=optimizer,
                     scheduler=scheduler, state=state, keep_last=self.cfg.keep_last, source_dir=self.source_dir))
-        if hf_due and self.cfg.save_dir:
-            out = Path(self.cfg.save_dir) / "hf" / f"iter_{iteration:07d}"
-            if not out.exists():
-                written.append(save_hf_checkpoint(model, self.hf_cfg, out, source_dir=self.source_dir,
-                                                  dtype=self.cfg.hf_export_dtype))
         dist.barrier()
         return written

@@ -66,6 +66,24 @@ def test_iteration_newer_than_the_pointer_is_replaced_and_rotation_holds(tmp_pat
     assert _saved_state(save / "iter_0000003")["policy_version"] == 3
 
 
+def test_a_failed_hf_export_leaves_the_pointer_on_the_previous_iteration(tmp_path, monkeypatch):
+    """The HF export is written before the training checkpoint, so the resumed run redoes both."""
+    from megatron_vespo.checkpoint import mcore_io
+
+    monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _stub_writer())
+    save = tmp_path / "ckpt"
+    ckpt = _checkpointer(save, keep_last=2, hf_export_interval=2)
+    ckpt.maybe_save(1, None, state={})
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed during the HF export (simulated)")
+
+    monkeypatch.setattr(mcore_io, "save_hf_checkpoint", killed)
+    with pytest.raises(RuntimeError, match="simulated"):
+        ckpt.maybe_save(2, None, state={})
+    assert latest_iteration(save) == 1 and list_iterations(save) == [1]
+
+
 def test_leftovers_and_unconfirmed_iterations_are_removed_at_start(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _stub_writer())
     save = tmp_path / "ckpt"
