@@ -15,7 +15,11 @@ Layout of ``save_dir``::
 Writes are atomic: the iteration directory is written under a temporary name, renamed when every
 rank finished, and only then does ``latest_checkpointed_iteration.txt`` (itself replaced
 atomically) move to it; old iterations beyond ``keep_last`` are deleted afterwards. A crash at
-any point leaves the pointer on a complete checkpoint.
+any point leaves the pointer on a complete checkpoint. An iteration directory newer than the
+pointer (killed between rename and pointer update) is not trusted: it is replaced when that
+iteration is saved again, and ``clean_save_dir`` removes it, and ``.partial`` / ``.tmp``
+leftovers, when a run starts. The pickled files are read with ``weights_only=True``
+(``checkpoint.safety``); kill points for tests are in ``checkpoint.faults``.
 
 Model and optimizer states are sharded by global tensor (not by rank), so a checkpoint loads
 under another TP/EP/PP layout. RNG states are per rank and restored only under the same world
