@@ -95,6 +95,7 @@ class LoopSetup:
         None on other ranks.
         """
         if not self.rank0:
+            self.ckpt.reapply_rng()  # as rank 0 does below: every rank starts the loop from the saved streams
             return None
         from megatron_vespo.orchestration.engines import RolloutEngines
 
