@@ -1,6 +1,6 @@
 """The long kill-and-resume matrix: every kill point at every iteration (sync), and async resume.
 
-Runs only with ``MV_FAULT_MATRIX=1 pytest -q -m fault_matrix tests/faults`` (26 min on 2 shared cores):
+Runs only with ``MV_FAULT_MATRIX=1 pytest -q -m fault_matrix tests/faults`` (16-26 min on 2 shared cores):
 15 sync cases (5 kill points x iterations 1-3, two runs each) against one uninterrupted run,
 and one async case. See docs/reliability.md for what each case promises.
 """
