@@ -8,6 +8,7 @@ defines ``register(subparsers)`` and keeps heavy imports inside its handlers, so
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -73,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("traceback", exc_info=True)
         log.error("%s: %s (--log-level DEBUG shows the traceback)", type(exc).__name__, exc)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        # a full disk: checkpoint.safety.DiskFullError names the directory and the free space
+        log.debug("traceback", exc_info=True)
+        log.error("%s (--log-level DEBUG shows the traceback)", exc)
+        return 1
     except KeyboardInterrupt:
         # the loops close engines and files in their finally blocks; checkpoints are written atomically,
         # so the latest one on disk is whole. Re-raised so Python ends the process by SIGINT as usual

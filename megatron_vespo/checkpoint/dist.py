@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from megatron_vespo.utils.io import make_public_like_mkdir
 from megatron_vespo.utils.net import free_port
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def dist_atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     Rank 0 creates ``.<name>.XXXX.partial`` next to ``path`` and renames it to ``path`` after every
     rank left the block without an exception. Exceptions inside the block must not leave other
-    ranks blocked in a collective (validate inputs before entering).
+    ranks blocked in a collective (validate inputs before entering). A full disk inside the block
+    is raised as ``checkpoint.safety.DiskFullError`` naming ``path`` and its free space.
     """
     path = Path(path)
     tmp = None
@@ -94,6 +96,7 @@ def dist_atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             check_output_dir(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+            make_public_like_mkdir(tmp)  # not mkdtemp's 0700: an engine running as another user reads it
         except (OSError, ValueError) as exc:
             err = str(exc)
     tmp, err = broadcast_object((tmp, err))
@@ -103,6 +106,14 @@ def dist_atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         ok = True
+    except Exception as exc:
+        from megatron_vespo.checkpoint.safety import DiskFullError, explain_disk_full
+
+        # measured before the cleanup below frees the space: a full disk is named as such
+        full = None if isinstance(exc, DiskFullError) else explain_disk_full(exc, path, f"writing {path}")
+        if full is None:
+            raise
+        raise full from exc
     finally:
         everyone = all_ok(ok)
         if rank() == 0:

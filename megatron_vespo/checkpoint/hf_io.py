@@ -70,8 +70,7 @@ class HFCheckpointReader:
                                      "(incomplete download?)")
             self.weight_map: dict[str, str] = dict(weight_map)
         elif (self.dir / SINGLE_NAME).is_file():
-            with self._safe_open(str(self.dir / SINGLE_NAME), "pt") as fh:
-                self.weight_map = {k: SINGLE_NAME for k in fh.keys()}
+            self.weight_map = {k: SINGLE_NAME for k in self._handle(SINGLE_NAME).keys()}
         else:
             raise ValueError(f"{self.dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found "
                              "(only safetensors checkpoints are supported)")
@@ -80,8 +79,24 @@ class HFCheckpointReader:
         # one open handle per shard: re-parsing a multi-GB shard's header for each of its
         # thousands of tensors would dominate the import of a 30B model
         if shard not in self._handles:
-            self._handles[shard] = self._safe_open(str(self.dir / shard), "pt")
+            self._handles[shard] = self._open_shard(self.dir / shard)
         return self._handles[shard]
+
+    def _open_shard(self, path: Path) -> object:
+        """``safe_open`` that answers an empty, truncated or header-corrupt file with a ValueError naming it.
+
+        safetensors checks the header (8-byte length + JSON) and that the file holds every byte
+        the header promises when it opens a file, so a damaged file is caught here, before any
+        tensor is read.
+        """
+        size = path.stat().st_size
+        if size == 0:
+            raise ValueError(f"{path}: empty file (0 bytes): an interrupted download or copy? Fetch it again")
+        try:
+            return self._safe_open(str(path), "pt")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError / its own types
+            raise ValueError(f"{path}: not a readable safetensors file ({size} bytes; {exc}): truncated or "
+                             "corrupted? Fetch it again") from exc
 
     def keys(self) -> list[str]:
         """All tensor names in the checkpoint."""

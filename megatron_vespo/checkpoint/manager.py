@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from megatron_vespo.checkpoint import dist
 from megatron_vespo.checkpoint.config import CheckpointConfig
-from megatron_vespo.checkpoint.trainer_ckpt import LATEST_NAME, iteration_dir
+from megatron_vespo.checkpoint.trainer_ckpt import LATEST_NAME, iteration_dir, latest_iteration
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,33 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, hf_cfg: Any, *, source_dir: Optional[str] = None) -> None:
         """``hf_cfg`` is stored with every checkpoint; ``source_dir`` (the HF base model) supplies tokenizer files."""
         self.cfg, self.hf_cfg, self.source_dir = cfg, hf_cfg, source_dir
+        self._rng: Optional[dict] = None
+
+    def clean(self) -> None:
+        """Collective: remove what killed saves left in ``save_dir`` (see ``trainer_ckpt.clean_save_dir``)."""
+        from megatron_vespo.checkpoint.trainer_ckpt import clean_save_dir
+
+        if self.cfg.save_dir and dist.rank() == 0:
+            clean_save_dir(self.cfg.save_dir, keep=self.cfg.load)
+        dist.barrier()
+
+    def reapply_rng(self) -> None:
+        """Set the RNG streams to the resumed checkpoint's states again (no-op on a fresh start).
+
+        The loop calls it after starting the engines, just before the first iteration: whatever
+        drew random numbers between the load and that point (an in-process engine building its
+        model, say) would otherwise shift every later draw of the resumed run.
+        """
+        from megatron_vespo.checkpoint.trainer_ckpt import set_rng_state
+
+        if self._rng is not None:
+            set_rng_state(self._rng)
 
     def resume(self, model: Any, optimizer: Any = None, scheduler: Any = None) -> Optional[dict]:
         """Load ``checkpoint.load`` (or an existing ``save_dir``); returns the saved trainer state or None."""
-        from megatron_vespo.checkpoint.trainer_ckpt import load_trainer_checkpoint
+        from megatron_vespo.checkpoint.trainer_ckpt import load_trainer_checkpoint, read_rng_state, resolve_checkpoint
 
+        self.clean()
         path = self.cfg.load
         if path is None and self.cfg.save_dir and (Path(self.cfg.save_dir) / LATEST_NAME).is_file():
             path = self.cfg.save_dir
@@ -70,6 +92,8 @@ class Checkpointer:
         state = load_trainer_checkpoint(path, model=model, optimizer=optimizer if self.cfg.load_optimizer else None,
                                         scheduler=scheduler if self.cfg.load_optimizer else None,
                                         load_rng=self.cfg.load_rng)
+        if self.cfg.load_rng:
+            self._rng = read_rng_state(resolve_checkpoint(path))
         if optimizer is not None and not self.cfg.load_optimizer:
             optimizer.reload_model_params()  # fresh optimizer: its main params must be the loaded weights
         return state
@@ -115,17 +139,21 @@ class Checkpointer:
 
         ckpt_due, hf_due = self.due(iteration)
         written = []
-        if (ckpt_due or force) and self.cfg.save_dir:
-            if iteration_dir(self.cfg.save_dir, iteration).exists():
-                logger.info("checkpoint for iteration %d already exists; not saved again", iteration)
-            else:
-                written.append(save_trainer_checkpoint(
-                    self.cfg.save_dir, iteration, model=model, hf_cfg=self.hf_cfg, optimizer=optimizer,
-                    scheduler=scheduler, state=state, keep_last=self.cfg.keep_last, source_dir=self.source_dir))
+        # the HF export first: a kill during it leaves the pointer on the previous iteration, so the
+        # resumed run writes both again (the other order would lose this iteration's export)
         if hf_due and self.cfg.save_dir:
             out = Path(self.cfg.save_dir) / "hf" / f"iter_{iteration:07d}"
             if not out.exists():
                 written.append(save_hf_checkpoint(model, self.hf_cfg, out, source_dir=self.source_dir,
                                                   dtype=self.cfg.hf_export_dtype))
+        if (ckpt_due or force) and self.cfg.save_dir:
+            latest = latest_iteration(self.cfg.save_dir)
+            if iteration_dir(self.cfg.save_dir, iteration).exists() and latest is not None and iteration <= latest:
+                # confirmed by the pointer (a newer, unconfirmed one is replaced by save_trainer_checkpoint)
+                logger.info("checkpoint for iteration %d already exists; not saved again", iteration)
+            else:
+                written.append(save_trainer_checkpoint(
+                    self.cfg.save_dir, iteration, model=model, hf_cfg=self.hf_cfg, optimizer=optimizer,
+                    scheduler=scheduler, state=state, keep_last=self.cfg.keep_last, source_dir=self.source_dir))
         dist.barrier()
         return written

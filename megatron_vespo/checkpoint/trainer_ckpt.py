@@ -15,7 +15,11 @@ Layout of ``save_dir``::
 Writes are atomic: the iteration directory is written under a temporary name, renamed when every
 rank finished, and only then does ``latest_checkpointed_iteration.txt`` (itself replaced
 atomically) move to it; old iterations beyond ``keep_last`` are deleted afterwards. A crash at
-any point leaves the pointer on a complete checkpoint.
+any point leaves the pointer on a complete checkpoint. An iteration directory newer than the
+pointer (killed between rename and pointer update) is not trusted: it is replaced when that
+iteration is saved again, and ``clean_save_dir`` removes it, and ``.partial`` / ``.tmp``
+leftovers, when a run starts. The pickled files are read with ``weights_only=True``
+(``checkpoint.safety``); kill points for tests are in ``checkpoint.faults``.
 
 Model and optimizer states are sharded by global tensor (not by rank), so a checkpoint loads
 under another TP/EP/PP layout. RNG states are per rank and restored only under the same world
@@ -37,7 +41,9 @@ import torch
 
 from megatron_vespo.checkpoint import dist
 from megatron_vespo.checkpoint.export import unwrap_model
+from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.checkpoint.mcore_io import _LOAD_ERRORS, load_model_checkpoint, write_model_checkpoint
+from megatron_vespo.checkpoint.safety import explain_disk_full, safe_torch_load
 from megatron_vespo.utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -81,12 +87,66 @@ def list_iterations(save_dir: str | os.PathLike) -> list[int]:
     return sorted(int(m.group(1)) for p in save_dir.iterdir() if p.is_dir() and (m := _ITER_RE.match(p.name)))
 
 
+def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
+    """Delete what killed atomic writes left in ``directory``: ``.*.partial`` directories, ``.*.tmp`` files.
+
+    Both are private names of ``atomic_dir`` / ``atomic_path`` that are never read; at 30B scale
+    one partial checkpoint is hundreds of GB. Call it when no other process writes there.
+    """
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for p in sorted(directory.iterdir()):
+        if not p.name.startswith("."):
+            continue
+        if p.name.endswith(".partial") and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.endswith(".tmp") and (p.is_file() or p.is_symlink()):
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(p)
+        logger.warning("removed %s, left by a write that was killed", p)
+    return removed
+
+
+def clean_save_dir(save_dir: str | os.PathLike, keep: Optional[str | os.PathLike] = None) -> list[Path]:
+    """Start-of-run cleanup of ``save_dir`` (rank 0): leftovers, and iterations newer than the pointer.
+
+    ``iter_*`` and ``hf/iter_*`` directories newer than ``latest_checkpointed_iteration.txt`` were
+    renamed by a run killed before it moved the pointer: the resumed run writes those iterations
+    again, so they are removed (``keep``, a directory being loaded, never is). Without a pointer
+    nothing is judged newer (``save_trainer_checkpoint`` still replaces the iteration it saves).
+    """
+    save_dir = Path(save_dir)
+    removed = remove_leftovers(save_dir) + remove_leftovers(save_dir / "hf")
+    latest = latest_iteration(save_dir)
+    if latest is None:
+        return removed
+    keep = Path(keep).resolve() if keep is not None else None
+    for parent in (save_dir, save_dir / "hf"):
+        if not parent.is_dir():
+            continue
+        for p in sorted(parent.iterdir()):
+            m = _ITER_RE.match(p.name)
+            if m and p.is_dir() and int(m.group(1)) > latest and p.resolve() != keep:
+                logger.warning("removing %s: newer than %s (%d), written by a run killed before the pointer "
+                               "moved; this run writes it again", p, LATEST_NAME, latest)
+                shutil.rmtree(p)
+                removed.append(p)
+    return removed
+
+
 # ----------------------------------------------------------------------------- RNG
 def rng_state() -> dict:
     """Every RNG stream a training step may draw from."""
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's key array as a tensor: the file then holds only tensors and plain data (weights_only loads it)
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     try:
@@ -103,7 +163,9 @@ def set_rng_state(state: dict) -> None:
     import numpy as np
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -111,6 +173,30 @@ def set_rng_state(state: dict) -> None:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+
+
+# ----------------------------------------------------------------------------- loading
+def read_rng_state(ckpt: str | os.PathLike) -> Optional[dict]:
+    """This rank's saved RNG states in the iteration directory ``ckpt``, or None (with a warning) when they
+    were saved under another world size or are missing."""
+    ckpt = Path(ckpt)
+    world = torch.distributed.get_world_size() if dist.is_initialized() else 1
+    rng_file = ckpt / "rng" / f"rank_{dist.rank():05d}.pt"
+    rng = safe_torch_load(rng_file) if rng_file.is_file() else None
+    if rng is None or rng.get("world_size") != world:
+        logger.warning("%s: RNG states were saved with another world size (or are missing); not restored", ckpt)
+        return None
+    return rng["rng"]
+
+
+def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = None) -> Path:
+    """The iteration directory ``load_dir`` names: ``iteration`` of a save dir, its latest, or itself."""
+    load_dir = Path(load_dir)
+    if iteration is not None:
+        return iteration_dir(load_dir, iteration)
+    if (load_dir / LATEST_NAME).is_file():
+        return latest_iteration_dir(load_dir)
+    return load_dir
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -192,31 +278,64 @@ def save_trainer_checkpoint(save_dir: str | os.PathLike, iteration: int, *, mode
 
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    save_dir = Path(save_dir)
     target = iteration_dir(save_dir, iteration)
+    if dist.rank() == 0:
+        _drop_untrusted(save_dir, iteration)
+    dist.barrier()
     full_state = {"iteration": int(iteration), **(state or {})}
     with dist.dist_atomic_dir(target) as tmp:
-        write_model_checkpoint(model, tmp, hf_cfg, source_dir=source_dir, extra_meta={"iteration": int(iteration)})
-        if optimizer is not None:
+        try:
+            write_model_checkpoint(model, tmp, hf_cfg, source_dir=source_dir,
+                                   extra_meta={"iteration": int(iteration)})
+            if optimizer is not None:
+                if dist.rank() == 0:
+                    (tmp / "optimizer").mkdir()
+                dist.barrier()
+                sharded = _optimizer_sharded_state(optimizer, model, is_loading=False)
+                dist_checkpointing.save(sharded, str(tmp / "optimizer"))
+            (tmp / "rng").mkdir(exist_ok=True)
+            world = torch.distributed.get_world_size() if dist.is_initialized() else 1
+            torch.save({"world_size": world, "rng": rng_state()}, tmp / "rng" / f"rank_{dist.rank():05d}.pt")
             if dist.rank() == 0:
-                (tmp / "optimizer").mkdir()
-            dist.barrier()
-            sharded = _optimizer_sharded_state(optimizer, model, is_loading=False)
-            dist_checkpointing.save(sharded, str(tmp / "optimizer"))
-        (tmp / "rng").mkdir(exist_ok=True)
-        world = torch.distributed.get_world_size() if dist.is_initialized() else 1
-        torch.save({"world_size": world, "rng": rng_state()}, tmp / "rng" / f"rank_{dist.rank():05d}.pt")
-        if dist.rank() == 0:
-            torch.save({"scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "state": full_state}, tmp / "trainer_state.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(_json_part(full_state), indent=2, default=str) + "\n")
+                torch.save({"scheduler": scheduler.state_dict() if scheduler is not None else None,
+                            "state": full_state}, tmp / "trainer_state.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps(_json_part(full_state), indent=2,
+                                                                   default=str) + "\n")
+        except Exception as exc:
+            disk_full = explain_disk_full(exc, tmp, f"saving checkpoint iteration {iteration}",
+                                          f"{LATEST_NAME} still names iteration {latest_iteration(save_dir)}")
+            if disk_full is None:
+                raise
+            raise disk_full from exc
         dist.barrier()
+        fault_point("ckpt_written", iteration)
+    fault_point("ckpt_renamed", iteration)
     if dist.rank() == 0:
-        with atomic_path(Path(save_dir) / LATEST_NAME) as fh:
+        with atomic_path(save_dir / LATEST_NAME) as fh:
             fh.write(f"{int(iteration)}\n")
-        _rotate(Path(save_dir), keep_last, int(iteration))
+            fh.flush()
+            fault_point("pointer_tmp", iteration)
+        _rotate(save_dir, keep_last, int(iteration))
     dist.barrier()
+    fault_point("ckpt_saved", iteration)
     logger.info("saved training checkpoint %s", target)
     return target
+
+
+def _drop_untrusted(save_dir: Path, iteration: int) -> None:
+    """Remove ``iter_<iteration>`` when the pointer is older (or absent): a killed run renamed it, never pointed to it.
+
+    Such a directory is complete but was never confirmed: it may come from a run that went on
+    another way (a different config, an async trajectory). The iteration is about to be saved
+    again from the live state, so the directory is replaced rather than kept.
+    """
+    target = iteration_dir(save_dir, iteration)
+    latest = latest_iteration(save_dir)
+    if target.exists() and (latest is None or iteration > latest):
+        logger.warning("%s is newer than %s (%s): it was written by a run killed before the pointer moved; "
+                       "replacing it", target, LATEST_NAME, latest)
+        shutil.rmtree(target)
 
 
 def _rotate(save_dir: Path, keep_last: int, latest: int) -> None:
@@ -236,15 +355,15 @@ def load_trainer_checkpoint(load_dir: str | os.PathLike, *, model: Any, optimize
     """
     from megatron.core import dist_checkpointing
 
-    load_dir = Path(load_dir)
-    if iteration is not None:
-        ckpt = iteration_dir(load_dir, iteration)
-    elif (load_dir / LATEST_NAME).is_file():
-        ckpt = latest_iteration_dir(load_dir)
-    else:
-        ckpt = load_dir
+    ckpt = resolve_checkpoint(load_dir, iteration)
     if not (ckpt / "trainer_state.pt").is_file():
         raise ValueError(f"{ckpt}: not a training checkpoint (no trainer_state.pt)")
+    # the small pickled files first: a refused or corrupt one fails before minutes of model loading
+    saved = safe_torch_load(ckpt / "trainer_state.pt")
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or "iteration" not in saved["state"]:
+        raise ValueError(f"{ckpt / 'trainer_state.pt'}: not a trainer state (expected a dict with "
+                         "'scheduler' and 'state' holding 'iteration')")
+    rng = read_rng_state(ckpt) if load_rng else None
     load_model_checkpoint(model, ckpt)
     if optimizer is not None:
         if not (ckpt / "optimizer" / "metadata.json").is_file():
@@ -264,16 +383,9 @@ def load_trainer_checkpoint(load_dir: str | os.PathLike, *, model: Any, optimize
                 "the model only (optimizer=None) and start a fresh optimizer.") from exc
         optimizer.load_state_dict(loaded)
         _unshare_adam_steps(optimizer)
-    saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    if scheduler is not None and saved["scheduler"] is not None:
+    if scheduler is not None and saved.get("scheduler") is not None:
         scheduler.load_state_dict(saved["scheduler"])
-    if load_rng:
-        world = torch.distributed.get_world_size() if dist.is_initialized() else 1
-        rng_file = ckpt / "rng" / f"rank_{dist.rank():05d}.pt"
-        rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
-        if rng is None or rng["world_size"] != world:
-            logger.warning("%s: RNG states were saved with another world size; not restored", ckpt)
-        else:
-            set_rng_state(rng["rng"])
+    if rng is not None:
+        set_rng_state(rng)
     logger.info("resumed from %s (iteration %d)", ckpt, saved["state"]["iteration"])
     return saved["state"]

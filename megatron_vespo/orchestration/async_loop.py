@@ -27,6 +27,7 @@ import os
 import time
 from typing import Any, Optional
 
+from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.config.job import JobConfig
 from megatron_vespo.orchestration.async_buffer import lag_metrics
@@ -169,7 +170,8 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                                   groups_per_batch=n_groups, max_policy_lag=L, start_version=version,
                                   buffer_groups=buffer_groups, max_inflight_groups=inflight,
                                   route_spec=engines.router.clients[0].route_spec,
-                                  pending_prompts=s.data_state.get("pending_prompts", []))
+                                  pending_prompts=s.data_state.get("pending_prompts", []),
+                                  router_state=(s.state or {}).get("router"))
         mlog = s.metrics_logger()
         for it in range(s.start + 1, job.loop.num_rollouts + 1):
             t0 = time.perf_counter()
@@ -188,6 +190,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             t1 = time.perf_counter()
             updates = s.actor.train_on_rollout(batch)
             t2 = time.perf_counter()
+            fault_point("trained", it)  # tests: kill -9 with the updates done, nothing synced or saved
             # rank-0-only Ray calls: a failure is broadcast, so no rank waits alone in a collective
             late_error, data_state = None, {}
             if rank0:
@@ -205,6 +208,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                 except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                     late_error = f"{type(exc).__name__}: {exc}"
             _, data_state = broadcast_from_rank0(None, data_state, late_error)
+            router_state = data_state.pop("router", None)  # saved beside the data position, as the sync loop does
             summary = s.log_iteration(mlog, it, version, updates, {**rm, **sm}, t2 - t1, time.perf_counter() - t0)
             history.append(summary)
             if rank0:
@@ -213,7 +217,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                             it, job.loop.num_rollouts, summary["rollout/reward_mean"], summary["async/lag_mean"],
                             summary["async/lag_max"], summary["time/wait_s"], t2 - t1,
                             100 * summary["async/overlap_frac"])
-            s.save(it, version, data_state)
+            s.save(it, version, data_state, router_state)
     finally:
         if mlog is not None:
             mlog.close()

@@ -63,12 +63,14 @@ class RolloutWorker:
         route_spec: route shape when ``cfg.return_routed_experts``.
         pending_prompts: prompt indices to generate first (from ``state_dict`` on resume).
         router: a ready router (tests); default: built from ``cfg`` and ``urls`` in ``start``.
+        router_state: the router's saved counters (``state_dict()["router"]`` on resume).
     """
 
     def __init__(self, cfg: RolloutConfig, urls: Sequence[str], dataset: PromptDataset, reward: str, *,
                  groups_per_batch: int, max_policy_lag: int, start_version: int, buffer_groups: int,
                  max_inflight_groups: int, route_spec: Optional[RouteSpec] = None,
-                 pending_prompts: Sequence[int] = (), router: Optional[EngineRouter] = None) -> None:
+                 pending_prompts: Sequence[int] = (), router: Optional[EngineRouter] = None,
+                 router_state: Optional[dict] = None) -> None:
         self.cfg, self.urls, self.dataset = cfg, list(urls), dataset
         self.reward_fn = get_reward(reward)
         self.max_policy_lag = max_policy_lag
@@ -77,6 +79,7 @@ class RolloutWorker:
         self.gate = StalenessGate(groups_per_batch, max_policy_lag, start_version,
                                   max_inflight=max_inflight_groups, buffer_capacity=buffer_groups)
         self.route_spec, self.router = route_spec, router
+        self.router_state = dict(router_state or {})  # resume: the seed counter continues
         bad = [i for i in pending_prompts if not 0 <= int(i) < len(dataset.prompts)]
         if bad:
             raise ValueError(f"pending prompt indices {bad[:5]} are outside the data set of {len(dataset.prompts)}")
@@ -99,6 +102,8 @@ class RolloutWorker:
         """Build the router (unless given), start generating; returns this process's pid."""
         if self.router is None:
             self.router = EngineRouter.from_config(self.cfg, self.urls, self.route_spec)
+        if self.router_state and hasattr(self.router, "load_state_dict"):
+            self.router.load_state_dict(self.router_state)
         for c in self.router.clients:  # fallback tag when an engine's version string is not an int
             c.policy_version = self.version
         self._runner = asyncio.create_task(self._run())
@@ -249,7 +254,9 @@ class RolloutWorker:
         """Data set position plus ``pending_prompts``: handed out but not trained on, oldest first."""
         pending = [int(g[0].metadata["prompt_index"]) for g in self.buffer.groups()]
         pending += [p.index for p, _ in self._inflight.values()] + [p.index for p in self._retry]
-        return {**self.dataset.state_dict(), "pending_prompts": pending}
+        saver = getattr(self.router, "state_dict", None)  # any object with generate() may route (tests)
+        router = saver() if saver is not None else dict(self.router_state)
+        return {**self.dataset.state_dict(), "pending_prompts": pending, "router": router}
 
 
 def spawn_worker(ray: Any, *args: Any, **kwargs: Any) -> Any:

@@ -101,11 +101,15 @@ class LoopSetup:
         None on other ranks.
         """
         if not self.rank0:
+            self.ckpt.reapply_rng()  # as rank 0 does below: every rank starts the loop from the saved streams
             return None
         from megatron_vespo.orchestration.engines import RolloutEngines
 
         engines = RolloutEngines(self.job.rollout, self.serve_path, log_dir=str(self.out / "rollout_logs"),
                                  embedded_mode=embedded_mode).start()
+        if self.state and self.state.get("router"):  # resume: continue the seed / round-robin counters
+            engines.router.load_state_dict(self.state["router"])
+        self.ckpt.reapply_rng()  # starting the engines may have drawn from the restored RNG streams
         # engines start tagged "default": tag them with the trainer's version (a resumed run's too),
         # so samples carry the right policy version and lag arithmetic holds
         version = self.version
@@ -135,14 +139,20 @@ class LoopSetup:
         mlog.log(summary, step=it * staleness)
         return summary
 
-    def save(self, iteration: int, version: int, data_state: dict) -> None:
-        """Collective: checkpoint what is due at ``iteration`` (always the last one when ``save_dir`` is set)."""
+    def save(self, iteration: int, version: int, data_state: dict, router_state: Optional[dict] = None) -> None:
+        """Collective: checkpoint what is due at ``iteration`` (always the last one when ``save_dir`` is set).
+
+        The state is everything that shapes the rest of the run besides weights, optimizer,
+        scheduler and RNG (saved by the checkpointer): policy version, data position, the
+        router's seed counter (rank 0's; only rank 0 writes it) and the actor's update count.
+        """
         job = self.job
-        state = {"policy_version": version, "data": data_state}
+        state = {"policy_version": version, "data": data_state, "actor": {"updates": int(self.actor.updates)}}
+        if router_state is not None:
+            state["router"] = dict(router_state)
         if self.evaluator is not None:
             state["eval_best"] = self.evaluator.state_dict()
-        self.ckpt.maybe_save(iteration, self.actor.model, self.actor.optimizer, self.actor.scheduler,
-                             state=state,
+        self.ckpt.maybe_save(iteration, self.actor.model, self.actor.optimizer, self.actor.scheduler, state=state,
                              force=iteration == job.loop.num_rollouts and bool(job.checkpoint.save_dir))
 
 
@@ -168,6 +178,10 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
+        from megatron_vespo.checkpoint.trainer_ckpt import remove_leftovers
+
+        for d in (out, out / "weights"):  # what a killed run's atomic writes left (weight exports: model-sized)
+            remove_leftovers(d)
         with atomic_path(out / "config.yaml") as fh:
             fh.write(dump_config(job))
     ckpt = Checkpointer(job.checkpoint, actor.hf_cfg, source_dir=job.model.hf_path)
@@ -176,6 +190,8 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
         ckpt.load_weights(actor.model, job.model.hf_path, actor.optimizer)  # fresh start from the HF base model
     start = int(state["iteration"]) if state else 0
     version = int((state or {}).get("policy_version", start))
+    if state:  # optimizer_step in metrics continues (checkpoints before it was saved: start * N updates)
+        actor.updates = int((state.get("actor") or {}).get("updates", start * job.train.staleness))
     tok = load_tokenizer(job.model.hf_path)
     dataset = PromptDataset.from_config(job.data, vocab_size=actor.hf_cfg.vocab_size,
                                         tokenize=None if tok is None else tok.encode)

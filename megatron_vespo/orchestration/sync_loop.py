@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 
+from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.config.job import JobConfig
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
             t1 = time.perf_counter()
             updates = actor.train_on_rollout(batch)
             t2 = time.perf_counter()
+            fault_point("trained", it)  # tests: kill -9 with the updates done, nothing synced or saved
             version += 1
             smetrics = sync.update(actor.model, version, engines)
             smetrics.update(s.evaluator.maybe_evaluate(it, engines, actor.model))  # held-out, loop.eval_every
@@ -68,7 +70,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
                 logger.info("rollout %d/%d: reward %.3f, loss %.4f, %.1fs", it, job.loop.num_rollouts,
                             summary.get("rollout/reward_mean", float("nan")), summary["train/loss_last"],
                             summary["time/iteration_s"])
-            s.save(it, version, dataset.state_dict())
+            s.save(it, version, dataset.state_dict(), engines.router.state_dict() if rank0 else None)
     finally:
         mlog.close()
         sync.close(engines)

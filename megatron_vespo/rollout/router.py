@@ -10,7 +10,6 @@ own router (``python -m sglang_router.launch_router --worker-urls URL1 URL2 ...`
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from typing import Any, Awaitable, Callable, Literal, Mapping, Optional, Sequence
 
@@ -34,14 +33,30 @@ class EngineRouter:
             raise ValueError(f"router policy must be round_robin or least_outstanding, got {policy!r}")
         self.clients = list(clients)
         self.policy = policy
-        self._rr = itertools.count()
-        self._seeds = itertools.count()
+        self._rr = 0  # requests routed so far (round-robin position)
+        self._seeds = 0  # per-request seeds handed out so far (see ``generate``)
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig, urls: Sequence[str],
                     route_spec: Optional[RouteSpec] = None) -> "EngineRouter":
         """One client per URL, configured from ``cfg``."""
         return cls([SGLangClient.from_config(cfg, u, route_spec) for u in urls], cfg.router_policy)
+
+    def state_dict(self) -> dict[str, int]:
+        """The counters that decide the next requests' seeds and engines (saved in training checkpoints).
+
+        A resumed run that restarted them at 0 would sample every later rollout with the seeds of
+        the first ones, so it would leave the uninterrupted run's trajectory.
+        """
+        return {"seed_counter": self._seeds, "rr_counter": self._rr}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the counters saved by ``state_dict``; ValueError names a bad entry."""
+        for key in ("seed_counter", "rr_counter"):
+            value = state.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"router state {key} must be an integer >= 0, got {value!r}")
+        self._seeds, self._rr = int(state.get("seed_counter", 0)), int(state.get("rr_counter", 0))
 
     @property
     def urls(self) -> list[str]:
@@ -50,7 +65,8 @@ class EngineRouter:
 
     def pick(self) -> SGLangClient:
         """The client the next request goes to."""
-        start = next(self._rr) % len(self.clients)
+        start = self._rr % len(self.clients)
+        self._rr += 1
         order = self.clients[start:] + self.clients[:start]
         if self.policy == "round_robin":
             return order[0]
@@ -65,7 +81,8 @@ class EngineRouter:
         different engines the same seed, hence identical responses.
         """
         if isinstance(sampling, SamplingConfig) and sampling.sampling_seed is not None:
-            sampling = sampling.to_sglang(sampling.sampling_seed + next(self._seeds))
+            seed, self._seeds = sampling.sampling_seed + self._seeds, self._seeds + 1
+            sampling = sampling.to_sglang(seed)
         return await self.pick().generate(prompt_tokens, sampling, **kwargs)
 
     async def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | Mapping[str, Any],

@@ -23,7 +23,6 @@ import torch
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.train.config import ParallelConfig
 from megatron_vespo.utils.imports import require
-from megatron_vespo.utils.net import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +56,13 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
         return
     timeout = timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        # A 1-process group on a free local port, passed explicitly: writing RANK/WORLD_SIZE/
-        # MASTER_PORT into os.environ would leak into every subprocess this process starts
-        # (a later `torchrun` or `megatron-vespo train` child would reuse the port and fail).
+        # A 1-process group on an in-process store: nothing to rendezvous with, so no port. A
+        # TCPStore (tcp://127.0.0.1:PORT) listens on every interface whatever host it is given,
+        # and env:// would need RANK/WORLD_SIZE/MASTER_PORT in os.environ, which leak into every
+        # subprocess this process starts (a later `torchrun` child would reuse the port and fail).
         if backend == "nccl":
             torch.cuda.set_device(0)
-        torch.distributed.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+        torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(),
                                              rank=0, world_size=1, timeout=timeout)
         return
     if backend == "nccl":
@@ -117,10 +117,16 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234, *, backend: Option
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python/torch and Megatron's model-parallel RNG tracker (TP/EP-rank offsets)."""
+    """Seed python/numpy/torch and Megatron's model-parallel RNG tracker (TP/EP-rank offsets).
+
+    numpy too: unseeded, it starts from OS entropy, so two fresh runs saved different RNG states
+    in their checkpoints (and any numpy draw would differ between them).
+    """
+    import numpy as np
     from megatron.core import tensor_parallel
 
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     # inference_rng_tracker: the plain tracker without TE's CUDA-graph variant; with the CPU
     # compat layer its states live on the CPU generator.

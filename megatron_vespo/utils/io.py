@@ -11,6 +11,34 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def current_umask() -> int:
+    """This process's umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_public_like_mkdir(path: str | os.PathLike) -> None:
+    """Give a ``mkdtemp`` / ``mkstemp`` result the mode a plain ``mkdir`` / ``open`` would have.
+
+    ``tempfile`` creates 0700 directories and 0600 files, which is right for secrets and wrong
+    for outputs: an exported weight directory must be readable by an inference engine that may
+    run as another user (a service account, a container), and a checkpoint by the team that
+    shares it. The mode is chosen deliberately as 0777 / 0666 minus the umask, i.e. what any
+    other file the user creates gets, so the user decides with ``umask`` (022: readable by all,
+    027: by the group, 077: private).
+    """
+    path = Path(path)
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file next to ``path`` and rename it over ``path`` on success.
@@ -25,6 +53,7 @@ def atomic_path(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        make_public_like_mkdir(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -51,6 +80,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise FileExistsError(f"output directory {path} already exists and is not empty")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    make_public_like_mkdir(tmp)
     try:
         yield tmp
         if path.exists():
