@@ -231,7 +231,8 @@ class DistributedWeightSync:
             except Exception as exc:  # noqa: BLE001 - shared with every rank below
                 error = f"{type(exc).__name__}: {exc}"
         _share_error(error)
-        buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.dtype, dst=0)
+        buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.export_dtype,
+                                  dst=0)
         for bucket, last in with_last(buckets):
             if not rank0 or error is not None:
                 continue  # keep iterating: the other ranks are in the export's collectives

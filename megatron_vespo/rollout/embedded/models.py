@@ -74,6 +74,10 @@ def load_hf_model(model_path: str | os.PathLike, dtype: str | torch.dtype = "flo
     path = Path(model_path)
     if not (path / "config.json").is_file():
         raise ValueError(f"model_path {path} is not an HF checkpoint directory (no config.json)")
+    from megatron_vespo.fp8.serving import is_fp8_checkpoint, load_fp8_hf_model
+
+    if is_fp8_checkpoint(path):  # block-FP8 export (weight_sync.dtype=fp8): dequantised, SGLang's layout rules
+        return load_fp8_hf_model(path, resolve_dtype(dtype))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
     return model.eval()
 
@@ -106,6 +110,12 @@ def reload_weights_in_place(model: torch.nn.Module, model_path: str | os.PathLik
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+    from megatron_vespo.fp8.serving import served_fp8_block
+
+    if served_fp8_block(new) != served_fp8_block(model):  # SGLang keeps the start-up format for every update
+        raise ValueError(f"{model_path}: checkpoint FP8 block {served_fp8_block(new)} but the engine serves "
+                         f"{served_fp8_block(model)} (None = not FP8); restart the engine from a checkpoint of "
+                         "the format it should serve")
     src, dst = new.state_dict(), model.state_dict()
     missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
     if missing or extra:
