@@ -169,3 +169,27 @@ def test_embedded_engine_rounds_weights_after_every_load():
     assert ok, msg
     got = hf_param_views(engine.model)[name]
     assert torch.equal(got, fake_quant(new, "e4m3", (1, 32), power2=True)) and not torch.equal(got, new)
+
+
+@pytest.mark.parametrize("mode", ["R2", "R3", "disabled"])
+def test_fp8_padding_past_the_batch_width_with_routing_replay(_one_process_group, mode):
+    """FP8 pads micro-batches to multiples of 16: a batch 22 tokens wide is run 32 wide. The log-probs,
+    the R2 records and the R2 replay must cope (they failed with shape errors / 'no recorded route')."""
+    from actor_cases import LR, MINI, B, make_batch
+
+    from megatron_vespo.losses.config import LossConfig
+    from megatron_vespo.models.config import ModelConfig
+    from megatron_vespo.routing.config import RoutingReplayConfig
+    from megatron_vespo.train.actor import MegatronActor
+    from megatron_vespo.train.config import ParallelConfig, TrainConfig
+
+    actor = MegatronActor(ModelConfig(preset="tiny"), ParallelConfig(),
+                          TrainConfig(rollout_batch_size=B, mini_batch_size=MINI, micro_batch_size=2, lr=LR),
+                          LossConfig(name="vespo"), RoutingReplayConfig(mode=mode), init="layout_invariant",
+                          fp8=FP8Config(fp8="e4m3", fp8_recipe="tensorwise", emulate=True))
+    assert actor.seq_multiple == 16
+    batch = make_batch(actor, seq_len=22)
+    lp, _ = actor.compute_log_probs(batch)
+    assert lp.shape == (B, 22)
+    metrics = actor.train_on_rollout(batch)
+    assert len(metrics) == B // MINI and all(m["update_ok"] for m in metrics)
