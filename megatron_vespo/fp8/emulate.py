@@ -96,13 +96,14 @@ class EmulatedRecipe:
     name: str
     grad_format: Optional[str]  # None: gradients not quantised
     power2: bool
+    block: int = 128  # blockwise: weight tiles block x block, activations / gradients 1 x block
 
     def _block(self, role: str) -> Optional[tuple[int, int]]:
         if self.name == "tensorwise":
             return None
         if self.name == "mxfp8":
             return (1, 32)
-        return (128, 128) if role == "w" else (1, 128)
+        return (self.block, self.block) if role == "w" else (1, self.block)
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         """Forward activations: E4M3."""
@@ -117,8 +118,10 @@ class EmulatedRecipe:
         return g if self.grad_format is None else fake_quant(g, self.grad_format, self._block("g"), self.power2)
 
 
-def recipe_for(cfg: Any) -> EmulatedRecipe:
-    """The emulated recipe of an ``FP8Config``; ConfigError naming the field for what is not emulated."""
+def recipe_for(cfg: Any, block: int = 128) -> EmulatedRecipe:
+    """The emulated recipe of an ``FP8Config``; ConfigError naming the field for what is not emulated.
+
+    ``block``: the blockwise tile (TE: 128; smaller to match a small model's rollout export)."""
     if cfg.fp8_recipe not in EMULATED_RECIPES:
         raise ConfigError(f"fp8.fp8_recipe={cfg.fp8_recipe} is not emulated on CPU (fp8.emulate=true): use one of "
                           f"{list(EMULATED_RECIPES)} (delayed scaling needs an amax history per tensor)")
@@ -129,7 +132,7 @@ def recipe_for(cfg: Any) -> EmulatedRecipe:
     else:
         power2 = True
     grad = None if not cfg.fp8_wgrad else ("e5m2" if cfg.fp8 == "hybrid" else "e4m3")
-    return EmulatedRecipe(cfg.fp8_recipe, grad, power2)
+    return EmulatedRecipe(cfg.fp8_recipe, grad, power2, block)
 
 
 class _Quant(torch.autograd.Function):
@@ -172,18 +175,19 @@ def _bf16_layers(cfg: Any, num_layers: int) -> set[int]:
     return set(range(start)) | set(range(num_layers - end, num_layers))
 
 
-def emulate_fp8(model: Any, cfg: Any) -> int:
+def emulate_fp8(model: Any, cfg: Any, block: int = 128) -> int:
     """Make the local-spec GEMMs of ``model`` (chunks or one module) compute in emulated FP8.
 
     No-op (returns 0) unless ``cfg.enabled and cfg.emulate``. Layers kept in BF16 by
-    ``first_last_layers_bf16`` (global numbering) and the output layer are left alone. Returns
+    ``first_last_layers_bf16`` (global numbering) and the output layer are left alone; ``block``
+    is the blockwise tile (TE's 128 unless a study matches a smaller rollout block). Returns
     the number of linear layers switched; ConfigError when there is none (a TE-spec model).
     """
     if cfg is None or not cfg.enabled or not getattr(cfg, "emulate", False):
         return 0
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    recipe = recipe_for(cfg)
+    recipe = recipe_for(cfg, block)
     chunks = model if isinstance(model, (list, tuple)) else [model]
     count = 0
     for chunk in chunks:
@@ -231,3 +235,45 @@ def emulate_weights_(model: torch.nn.Module, recipe: str = "blockwise", block: t
             n += 1
     return n
 
+
+
+_DENSE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def emulate_activations_(model: torch.nn.Module, group: int = 128, power2: bool = False) -> int:
+    """Quantise the inputs of an HF Qwen3-MoE model's linear layers per 1 x ``group`` token group (E4M3).
+
+    What an FP8 SGLang engine does with block-FP8 weights (``activation_scheme: dynamic``:
+    ``per_token_group_quant_fp8`` before each block GEMM, FP32 scales). Dense projections get a
+    forward pre-hook; the fused experts (transformers 5 ``Qwen3MoeExperts``) get a forward that
+    quantises both expert GEMM inputs. The router's input stays high precision, as in SGLang.
+    Returns the number of modules changed.
+    """
+    def quant(x: torch.Tensor) -> torch.Tensor:
+        return fake_quant(x, "e4m3", (1, group), power2)
+
+    n = 0
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(mod, torch.nn.Linear) and leaf in _DENSE:
+            mod.register_forward_pre_hook(lambda m, args: (quant(args[0]), *args[1:]))
+            n += 1
+        elif type(mod).__name__.endswith("Experts") and hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj"):
+            mod.forward = _fp8_experts_forward(mod, quant)
+            n += 1
+    return n
+
+
+def _fp8_experts_forward(mod: Any, quant: Callable) -> Callable:
+    """transformers' fused-expert loop (``Qwen3MoeExperts.forward``) with both GEMM inputs quantised."""
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            if e < 0 or e >= mod.gate_up_proj.shape[0]:
+                continue
+            token, slot = torch.where(top_k_index == e)
+            gate, up = torch.nn.functional.linear(quant(hidden_states[token]), mod.gate_up_proj[e]).chunk(2, dim=-1)
+            h = torch.nn.functional.linear(quant(mod.act_fn(gate) * up), mod.down_proj[e])
+            out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+    return forward

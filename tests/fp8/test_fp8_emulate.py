@@ -193,3 +193,24 @@ def test_fp8_padding_past_the_batch_width_with_routing_replay(_one_process_group
     assert lp.shape == (B, 22)
     metrics = actor.train_on_rollout(batch)
     assert len(metrics) == B // MINI and all(m["update_ok"] for m in metrics)
+
+
+def test_engine_activation_quantisation_per_token_group():
+    pytest.importorskip("transformers")
+    from megatron_vespo.fp8.emulate import _fp8_experts_forward, emulate_activations_
+    from megatron_vespo.rollout.embedded.models import build_tiny_model
+
+    model = build_tiny_model("tiny", seed=3)
+    tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(tokens).logits
+        experts = model.model.layers[0].mlp.experts
+        h = torch.randn(7, 64)
+        idx = torch.tensor([[0, 3], [3, 5], [1, 0], [7, 6], [2, 4], [5, 1], [6, 7]])
+        w = torch.rand(7, 2)
+        # our expert loop with identity "quantisation" is transformers' loop
+        assert torch.allclose(_fp8_experts_forward(experts, lambda x: x)(h, idx, w), experts(h, idx, w), atol=1e-6)
+        assert emulate_activations_(model, group=32) == 2 * (4 + 1)
+        got = model(tokens).logits
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < 0.1
