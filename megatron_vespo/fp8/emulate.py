@@ -203,6 +203,10 @@ def emulate_fp8(model: Any, cfg: Any, block: int = 128) -> int:
             layer = gpt.decoder.layers[int(parts[2])].layer_number - 1 if name.startswith("decoder.layers.") else None
             if layer in keep:
                 continue
+            if getattr(mod, "gradient_accumulation_fusion", False):
+                raise ConfigError(f"fp8.emulate=true: {name} fuses gradient accumulation into main_grad, which "
+                                  "the emulated (quantised copy of the) weight does not carry; emulation is for the "
+                                  "CPU local spec (set gradient_accumulation_fusion=false, or use real FP8 on GPU)")
             mod._forward_impl = _wrap(mod._forward_impl, recipe)
             count += 1
     if not count:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from megatron_vespo.config.base import Section
 
@@ -42,6 +42,13 @@ class WeightSyncConfig(Section):
     init_timeout_s: float = Field(300.0, gt=0)
     op_timeout_s: float = Field(600.0, gt=0)
     keep_last: int = Field(2, ge=1)
+
+    @field_validator("fp8_block_size")
+    @classmethod
+    def _positive_block(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError(f"weight_sync.fp8_block_size must be two positive ints [block_n, block_k], got {list(v)}")
+        return v
 
     @property
     def export_dtype(self) -> Any:

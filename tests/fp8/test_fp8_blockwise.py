@@ -119,6 +119,8 @@ def test_weight_sync_refuses_a_layout_the_engine_rejects(tmp_path):
     build_weight_sync("disk", root=tmp_path, hf_cfg=_qwen30b(), cfg=cfg, engine_tp_size=4, engine_ep_size=4)
     assert isinstance(cfg.export_dtype, BlockFP8Format) and cfg.export_dtype.block == (128, 128)
     assert WeightSyncConfig(dtype="bfloat16").export_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="weight_sync.fp8_block_size must be two positive ints"):
+        WeightSyncConfig(dtype="fp8", fp8_block_size=[0, 128])
 
 
 # ----------------------------------------------------------------------------- end to end (Megatron -> HF FP8)
