@@ -68,19 +68,26 @@ def main() -> None:
                 key = f"{loss}/{setting}"
                 results[key] = [run(loss, setting, s, Path(tmp) / f"{loss}_{setting.replace('/', '_')}_{s}")
                                 for s in args.seeds]
-    print(f"seeds {args.seeds}; reward of the tiny task (chance 0.25), mean over seeds")
-    print("| loss | setting | last-3 reward | mean reward (20 rollouts) | first rollout >= 0.7 | first-update gap |")
-    print("|---|---|---|---|---|---|")
+    print(table(results, args.seeds))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=2))
+
+
+def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
+    """Markdown table of the runs (means over seeds, plus the per-seed mean reward)."""
+    lines = [f"seeds {seeds}; reward of the tiny task (chance 0.25)",
+             "| loss | setting | last-3 reward | mean reward (20 rollouts) | per seed | first rollout >= 0.7 | "
+             "first-update gap |", "|---|---|---|---|---|---|---|"]
     for key, runs in results.items():
         last = sum(sum(r["rewards"][-3:]) / 3 for r in runs) / len(runs)
-        auc = sum(sum(r["rewards"]) / len(r["rewards"]) for r in runs) / len(runs)
+        aucs = [sum(r["rewards"]) / len(r["rewards"]) for r in runs]
         hit = [next((i + 1 for i, v in enumerate(r["rewards"]) if v >= 0.7), None) for r in runs]
         gap = [r["gap"] for r in runs if r["gap"] == r["gap"]]
         loss, setting = key.split("/", 1)
-        print(f"| {loss} | {setting} | {last:.3f} | {auc:.3f} | {hit} | "
-              f"{(sum(gap) / len(gap)) if gap else float('nan'):.4f} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=2))
+        lines.append(f"| {loss} | {setting} | {last:.3f} | {sum(aucs) / len(aucs):.3f} | "
+                     f"{', '.join(f'{a:.2f}' for a in aucs)} | {hit} | "
+                     f"{(sum(gap) / len(gap)) if gap else float('nan'):.4f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
