@@ -4,6 +4,7 @@
 
     megatron-vespo convert hf-to-mcore --hf-dir Qwen3-30B-A3B-Base --out ckpt/base [--tp 1 --ep 8 --pp 1]
     megatron-vespo convert mcore-to-hf --ckpt ckpt/run/ --out hf/step100 [--ep 8] [--dtype bfloat16]
+    megatron-vespo convert mcore-to-hf --ckpt ckpt/run/ --out hf/step100-fp8 --fp8-blockwise --engine-tp-size 4
 
 The layout flags choose how the model is sharded *while converting* (a Megatron checkpoint
 loads under any layout afterwards). The ranks are started here on this machine (``--nproc``,
@@ -64,6 +65,15 @@ def register(subparsers: Any) -> None:
     m2h.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="dtype of the written weights (default: the dtype in the stored config.json)")
     m2h.add_argument("--max-shard-size", type=parse_size, default=5 * 10**9, help="safetensors shard size limit")
+    f8 = m2h.add_argument_group("block FP8 for an FP8 rollout engine (docs/fp8.md)")
+    f8.add_argument("--fp8-blockwise", action="store_true",
+                    help="write linear weights as float8_e4m3fn + float32 weight_scale_inv per block and a "
+                         "quantization_config (SGLang's block-FP8 layout); the rest in --dtype (default bfloat16)")
+    f8.add_argument("--fp8-block-size", type=int, nargs=2, default=[128, 128], metavar=("N", "K"),
+                    help="weight block [block_n, block_k] (default 128 128)")
+    f8.add_argument("--engine-tp-size", type=int, default=1,
+                    help="TP size of the engine that will serve the FP8 weights (checked: every shard whole blocks)")
+    f8.add_argument("--engine-ep-size", type=int, default=1, help="its expert-parallel size (experts split over tp/ep)")
     _add_layout(m2h)
     m2h.set_defaults(func=_handle)
 
@@ -92,6 +102,9 @@ def _handle(args: argparse.Namespace) -> int:
         kwargs = dict(hf_dir=args.hf_dir, params_dtype=args.params_dtype, **common)
     else:
         kwargs = dict(ckpt_dir=args.ckpt, dtype=args.dtype, max_shard_bytes=args.max_shard_size, **common)
+        if args.fp8_blockwise:
+            kwargs.update(fp8_block=args.fp8_block_size, engine_tp_size=args.engine_tp_size,
+                          engine_ep_size=args.engine_ep_size)
     nproc = args.nproc or required_world_size(args.tp, args.ep, args.pp, args.etp)
     try:
         report = launch_local(run_conversion, nproc, args.verb, kwargs)

@@ -201,15 +201,29 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
 
 def mcore_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, ep: int = 1, pp: int = 1, etp: Optional[int] = None,
                 dtype: Optional[str] = None, max_shard_bytes: int = 5 * 2**30, verify: bool = False,
-                tolerance: float = DEFAULT_TOLERANCE) -> dict:
+                tolerance: float = DEFAULT_TOLERANCE, fp8_block: Optional[list] = None, engine_tp_size: int = 1,
+                engine_ep_size: int = 1) -> dict:
     """Convert a Megatron model checkpoint into an HF directory at ``out_dir`` (run on every rank).
 
     The checkpoint loads under the given layout whatever layout saved it. ``dtype`` of the
-    written weights defaults to the dtype in the stored config.json.
+    written weights defaults to the dtype in the stored config.json. ``fp8_block`` ([128, 128])
+    writes block-FP8 linear weights for an FP8 engine of ``engine_tp_size`` / ``engine_ep_size``
+    (checked first: every shard of that engine must be whole blocks; ``dtype`` is then the
+    precision of the rest).
     """
+    from megatron_vespo.fp8.blockwise import BlockFP8Format, check_block_layout
+
     ckpt = resolve_checkpoint_dir(ckpt_dir)
     meta = read_checkpoint_meta(ckpt)
     cfg, dims = checkpoint_hf_config(ckpt)
+    fp8 = None
+    if fp8_block is not None:
+        check_block_layout(dims, fp8_block, engine_tp_size, engine_ep_size,
+                           field=f"--fp8-blockwise --fp8-block-size {fp8_block[0]} {fp8_block[1]}")
+        if verify:
+            raise ValueError("--verify compares with transformers, which cannot load FP8 weights on CPU; "
+                             "convert without --fp8-blockwise to verify, or compare with tests/fp8")
+        fp8 = BlockFP8Format(block=tuple(fp8_block), dtype=parse_dtype(dtype))
     dist.check_output_dir(out_dir)
     parallel = parallel_config(tp, ep, pp, etp)
     model, created = _setup(str(ckpt / HF_SUBDIR), parallel, parse_dtype(meta["params_dtype"]))
@@ -220,7 +234,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, ep: int = 1, pp: in
             "expected; raise --tolerance to accept it)") if lossy else ""
     try:
         load_model_checkpoint(model, ckpt)
-        save_hf_checkpoint(model, cfg, out_dir, source_dir=str(ckpt / HF_SUBDIR), dtype=dtype,
+        save_hf_checkpoint(model, cfg, out_dir, source_dir=str(ckpt / HF_SUBDIR), dtype=fp8 or dtype,
                            max_shard_bytes=max_shard_bytes,
                            verify_fn=_verifier(model, dims, tolerance, report, ckpt_dir=str(ckpt),
                                                config_dir=str(ckpt / HF_SUBDIR), parallel=parallel, hint=hint)

@@ -229,10 +229,17 @@ def iter_hf_weights(model: Any, dims: Any, *, bucket_bytes: int = DEFAULT_BUCKET
     Every rank must call this and exhaust the iterator (collectives run in lockstep). With
     ``dst=None`` every rank receives every full tensor; with ``dst=r`` only global rank ``r`` gets
     tensors and the other ranks get empty buckets at the same points. ``dtype`` casts on export
-    (e.g. bfloat16 for the rollout engine); vocab padding is stripped. Every HF tensor of the
+    (e.g. bfloat16 for the rollout engine); ``dtype="fp8"`` (or a ``fp8.blockwise.BlockFP8Format``)
+    exports linear weights as block FP8 with their ``weight_scale_inv`` in the same bucket and
+    the rest in bfloat16 (the model's dtype unless fp32); vocab padding is stripped. Every HF tensor of the
     model is yielded exactly once. ``dims``: ``Qwen3MoeDims`` or the HF config (dict / object).
     """
+    from megatron_vespo.fp8.blockwise import as_block_fp8
+
     dims = as_dims(dims)
+    fp8 = as_block_fp8(dtype)  # block FP8 for an FP8 rollout engine (fp8/blockwise.py)
+    if fp8 is not None:
+        dtype = None
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if bucket_bytes <= 0:
@@ -270,16 +277,19 @@ def iter_hf_weights(model: Any, dims: Any, *, bucket_bytes: int = DEFAULT_BUCKET
             torch.distributed.broadcast(stacked, src=src, group=layout.groups["pp"])
             fulls = list(stacked.unbind(0))
         for rule, full in zip(unit, fulls):
-            for name, t in mcore_to_hf(rule, full, dims):
-                if dtype is not None:
-                    t = t.to(dtype)
-                nbytes = t.numel() * t.element_size()
+            pairs = mcore_to_hf(rule, full, dims)
+            if fp8 is not None:  # an FP8 weight and its scale stay in one bucket
+                groups = fp8.groups(pairs, torch.bfloat16 if model_dtype == torch.float32 else model_dtype)
+            else:
+                groups = [(t.numel() * t.element_size(), [(n, t)]) for n, t in
+                          ((n, t if dtype is None else t.to(dtype)) for n, t in pairs)]
+            for nbytes, group in groups:
                 if size and size + nbytes > bucket_bytes:  # same sizes on every rank: lockstep
                     yield bucket
                     bucket, size = [], 0
                 size += nbytes
                 if keep:
-                    bucket.append((name, t))
+                    bucket.extend(group)
     if size:
         yield bucket
 

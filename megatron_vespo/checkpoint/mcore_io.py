@@ -190,24 +190,37 @@ def save_hf_checkpoint(model: Any, hf_cfg: Any, out_dir: str | os.PathLike, *, s
     ``max_shard_bytes`` + ``model.safetensors.index.json`` with per-expert names
     (``mlp.experts.{e}.{gate,up,down}_proj.weight``, what SGLang and transformers load), config.json
     and tokenizer/generation files copied from ``source_dir`` (else config.json from ``hf_cfg``).
-    ``dtype`` defaults to the config's dtype. The directory appears only when complete;
+    ``dtype`` defaults to the config's dtype; ``"fp8"`` / ``fp8.blockwise.BlockFP8Format`` writes
+    block-FP8 linear weights with ``weight_scale_inv`` and a ``quantization_config`` (the rest in
+    bfloat16, or the model's 16-bit dtype). The directory appears only when complete;
     ``verify_fn(tmp_dir)`` (every rank) may reject it before the rename.
     """
+    from megatron_vespo.fp8.blockwise import as_block_fp8
+
     cfg = read_hf_config(source_dir) if source_dir is not None else hf_config_dict(hf_cfg)
     dims = Qwen3MoeDims.from_hf_config(cfg, source=str(Path(source_dir) / "config.json") if source_dir else "hf_cfg")
     model_dtype = next(unwrap_model(model).parameters()).dtype
+    fp8 = as_block_fp8(dtype)  # block FP8 linear weights + quantization_config (fp8/blockwise.py)
+    if fp8 is not None:
+        dtype = fp8.dtype or (torch.bfloat16 if model_dtype == torch.float32 else model_dtype)
+        fp8 = type(fp8)(block=fp8.block, dtype=dtype)
     dtype = parse_dtype(dtype) or config_dtype(cfg) or model_dtype
     dist.check_output_dir(out_dir)
     with dist.dist_atomic_dir(out_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes) if dist.rank() == 0 else None
-        for bucket in iter_hf_weights(model, dims, bucket_bytes=bucket_bytes, dtype=dtype, dst=0):
+        for bucket in iter_hf_weights(model, dims, bucket_bytes=bucket_bytes, dtype=fp8 or dtype, dst=0):
             if writer is not None:
                 writer.add_all(bucket)
         if writer is not None:
             shards = writer.finalize()
             if source_dir is not None:
                 copy_side_files(source_dir, tmp)
-            if _normalize_config(cfg, dtype) or source_dir is None:
+            quant_changed = cfg.get("quantization_config") != (fp8.config() if fp8 is not None else None)
+            if fp8 is not None:
+                cfg["quantization_config"] = fp8.config()
+            else:
+                cfg.pop("quantization_config", None)  # the weights written are not quantised
+            if _normalize_config(cfg, dtype) or source_dir is None or quant_changed:
                 (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
             logger.info("wrote %d HF shard(s), %.1f MB, dtype %s to %s", len(shards), writer.total_bytes / 1e6,
                         dtype_name(dtype), out_dir)

@@ -50,6 +50,9 @@ class FP8Config(Section):
     in BF16. ``first_last_layers_bf16`` keeps the first ``num_layers_at_start_in_bf16`` and last
     ``num_layers_at_end_in_bf16`` transformer layers in BF16 (embedding, output layer and MoE
     routers never run in FP8 in Megatron: they are not Transformer Engine GEMMs).
+
+    ``emulate: true`` runs the recipe as quantise-dequantise on the local (non-TE) spec instead
+    (CPU, CI, studies; ``fp8/emulate.py``): no Transformer Engine, no GPU, no FP8 parameters.
     """
 
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
@@ -63,6 +66,7 @@ class FP8Config(Section):
     first_last_layers_bf16: bool = False
     num_layers_at_start_in_bf16: int = Field(1, ge=0)
     num_layers_at_end_in_bf16: int = Field(1, ge=0)
+    emulate: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -79,6 +83,12 @@ class FP8Config(Section):
                 raise ValueError("fp8.reuse_grad_buf_for_mxfp8_param_ag=true needs fp8.fp8 set with "
                                  "fp8.fp8_recipe=mxfp8 and fp8.fp8_param_gather=true")
             return self
+        if self.emulate and self.fp8_recipe == "delayed":
+            raise ValueError("fp8.emulate=true does not emulate fp8.fp8_recipe=delayed (amax history); use "
+                             "tensorwise, blockwise or mxfp8")
+        if self.emulate and self.fp8_param_gather:
+            raise ValueError("fp8.fp8_param_gather=true needs Transformer Engine FP8 parameters; fp8.emulate=true "
+                             "keeps high-precision parameters (set one of them false)")
         if self.first_last_layers_bf16 and self.fp8_recipe == "delayed":
             raise ValueError("fp8.first_last_layers_bf16=true does not work with fp8.fp8_recipe=delayed (Megatron: "
                              "per-layer FP8 contexts break delayed scaling's amax reduction); use tensorwise, "

@@ -43,6 +43,8 @@ def fp8_transformer_overrides(cfg: Optional[FP8Config]) -> dict[str, Any]:
     """``TransformerConfig`` fields for ``cfg`` (Megatron names); {} when FP8 is off. Pure mapping."""
     if cfg is None or not cfg.enabled:
         return {}
+    if cfg.emulate:  # quantise-dequantise on the local spec (fp8/emulate.py): Megatron itself stays BF16
+        return {"moe_router_dtype": "fp32"}
     return {
         "fp8": cfg.fp8,
         "fp8_recipe": cfg.fp8_recipe,
@@ -66,13 +68,14 @@ def fp8_overrides(cfg: Optional[FP8Config], env: Optional[FP8Environment] = None
     """
     if cfg is None or not cfg.enabled:
         return {}
-    check_fp8_environment(cfg, env)
+    if not cfg.emulate:  # emulation needs no GPU / TE
+        check_fp8_environment(cfg, env)
     return fp8_transformer_overrides(cfg)
 
 
 def fp8_ddp_kwargs(cfg: Optional[FP8Config]) -> dict[str, Any]:
     """``DistributedDataParallelConfig`` fields: FP8 parameter all-gather (and MXFP8 buffer reuse)."""
-    if cfg is None or not cfg.enabled:
+    if cfg is None or not cfg.enabled or cfg.emulate:
         return {}
     return {"fp8_param_gather": cfg.fp8_param_gather,
             "reuse_grad_buf_for_mxfp8_param_ag": cfg.reuse_grad_buf_for_mxfp8_param_ag}
@@ -80,7 +83,7 @@ def fp8_ddp_kwargs(cfg: Optional[FP8Config]) -> dict[str, Any]:
 
 def fp8_optimizer_kwargs(cfg: Optional[FP8Config]) -> dict[str, Any]:
     """``OptimizerConfig`` fields: the recipe (the distributed optimizer shards FP8 params by it)."""
-    if cfg is None or not cfg.enabled:
+    if cfg is None or not cfg.enabled or cfg.emulate:
         return {}
     return {"fp8_recipe": cfg.fp8_recipe,
             "reuse_grad_buf_for_mxfp8_param_ag": cfg.reuse_grad_buf_for_mxfp8_param_ag}

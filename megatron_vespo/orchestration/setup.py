@@ -199,8 +199,10 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
         dataset.load_state_dict(state["data"])
     reward_fn = get_reward(job.data.reward)
     sync = build_weight_sync(job.loop.weight_sync, root=out / "weights", hf_cfg=actor.hf_cfg, cfg=job.weight_sync,
-                             source_dir=job.model.hf_path, engine_tp_size=job.rollout.tp_size)
+                             source_dir=job.model.hf_path, engine_tp_size=job.rollout.tp_size,
+                             engine_ep_size=_engine_ep_size(job.rollout.server_args))
     fresh_hf = state is None and job.checkpoint.load is None and job.model.hf_path is not None
+    fresh_hf = fresh_hf and job.weight_sync.dtype != "fp8"  # an FP8 engine starts from the FP8 export
     serve_path = job.model.hf_path if fresh_hf else str(sync.export(actor.model, version))
     from megatron_vespo.evaluation.loop import LoopEvaluator
 
@@ -209,3 +211,11 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
     return LoopSetup(job=job, out=out, actor=actor, ckpt=ckpt, state=state, start=start, version=version,
                      dataset=dataset, reward_fn=reward_fn, sync=sync, serve_path=serve_path, rank0=rank0,
                      evaluator=evaluator)
+
+
+def _engine_ep_size(server_args: dict) -> int:
+    """SGLang's ``--ep-size`` (``ep_size`` / ``ep-size`` / ``expert_parallel_size``) in ``rollout.server_args``."""
+    for key in ("ep_size", "ep-size", "expert_parallel_size", "expert-parallel-size"):
+        if key in server_args:
+            return int(server_args[key])
+    return 1

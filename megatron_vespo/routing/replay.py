@@ -167,7 +167,8 @@ class RoutingReplay:
                 if local.shape[0] != ctx.seq_len:
                     raise RuntimeError(f"MoE layer {layer} recorded {local.shape[0]} positions for a micro-batch "
                                        f"of length {ctx.seq_len}")
-                out[ctx.rows, :ctx.seq_len, layer] = local.transpose(0, 1).to("cpu", torch.long)
+                n = min(ctx.seq_len, seq_len)  # micro-batches padded past the batch width (FP8 multiples)
+                out[ctx.rows, :n, layer] = local.transpose(0, 1)[:, :n].to("cpu", torch.long)
         self._records = [[] for _ in self.routers]
         self._contexts = []
         return out

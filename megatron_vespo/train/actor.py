@@ -33,6 +33,7 @@ import torch
 
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.fp8.config import FP8Config
+from megatron_vespo.fp8.emulate import emulate_fp8
 from megatron_vespo.fp8.te import check_fp8_job, fp8_alignment, fp8_overrides, fp8_summary
 from megatron_vespo.losses import compute_policy_loss, compute_rollout_is_weights, get_loss, loss_denominator
 from megatron_vespo.losses.config import LossConfig
@@ -93,6 +94,7 @@ class MegatronActor:
                      **model_cfg.recompute_fields(layers_per_stage)}
         chunk = build_gpt_model(self.hf_cfg, parallel, params_dtype=model_cfg.params_dtype, routing_replay=replay,
                                 **overrides)
+        emulate_fp8(chunk, fp8)  # fp8.emulate=true: quantise-dequantise GEMMs on CPU (fp8/emulate.py); else no-op
         if init == "layout_invariant":
             from megatron_vespo.models.init import init_layout_invariant_
 

@@ -33,12 +33,21 @@ def _routes_for(mb: MicroBatch, routing_mode: str, layers: list[int],
     if routing_mode == "R3":
         return fill_unrouted(mb.routed_experts, mb.attention_lengths.to(mb.routed_experts.device),
                              num_experts=num_experts)
-    # R2 records only this pipeline stage's layers: check those
-    missing = (mb.routed_experts[:, :, layers] < 0).flatten(2).any(-1)  # [b, S]
+    # R2 records only this pipeline stage's layers: check those, at the real tokens of each row
+    lengths = mb.attention_lengths.to(mb.routed_experts.device)
+    real = torch.arange(mb.routed_experts.shape[1], device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+    missing = (mb.routed_experts[:, :, layers] < 0).flatten(2).any(-1) & real  # [b, S]
     if bool(missing.any()):
         b, s = (int(v) for v in missing.nonzero()[0])
         raise ValueError(f"routing replay R2: no recorded route for sample {int(mb.rows[b])} position {s}")
-    return mb.routed_experts
+    # padding past the batch width (FP8 / SP multiples) was never recorded; any route serves it
+    # (recorded padding routes are kept: the same expert batches keep the replay bit-exact)
+    gap = ~real & (mb.routed_experts < 0).flatten(2).any(-1)
+    if not bool(gap.any()):
+        return mb.routed_experts
+    out = mb.routed_experts.clone()
+    out[gap] = fill_unrouted(mb.routed_experts, lengths, num_experts=num_experts)[gap]
+    return out
 
 
 def run_schedule(

@@ -31,6 +31,7 @@ def gather_rows(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_size:
     rows_mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
     for rows, vals in pieces:
         rows = rows.to(device)
+        vals = vals[:, :seq_len]  # micro-batches padded past the batch width (FP8 / SP multiples) carry only padding
         out[rows, :vals.shape[1]] = vals.float().to(device)
         rows_mask[rows] = True
     if torch.distributed.is_initialized():

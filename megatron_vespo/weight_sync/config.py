@@ -7,9 +7,9 @@ holds the knobs of the paths. Names follow slime's where one exists
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from megatron_vespo.config.base import Section
 
@@ -28,11 +28,14 @@ class WeightSyncConfig(Section):
     tensor: ~19k broadcasts fewer per Qwen3-30B-A3B sync); turn it off only for servers that
     predate it.
     ``init_timeout_s`` bounds the group rendezvous, ``op_timeout_s`` every broadcast.
-    ``keep_last``: exported versions kept on disk by the ``disk`` path.
+    ``keep_last``: exported versions kept on disk by the ``disk`` path. ``dtype: fp8`` sends
+    block-FP8 linear weights (float8_e4m3fn + float32 ``weight_scale_inv`` per
+    ``fp8_block_size`` block, the rest bfloat16) to an FP8 engine; docs/fp8.md.
     """
 
     bucket_mb: float = Field(512, gt=0)
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    dtype: Optional[Literal["float32", "bfloat16", "float16", "fp8"]] = None
+    fp8_block_size: tuple[int, int] = (128, 128)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     master_address: Optional[str] = None
     master_port: int = Field(0, ge=0, le=65535)
@@ -41,6 +44,22 @@ class WeightSyncConfig(Section):
     init_timeout_s: float = Field(300.0, gt=0)
     op_timeout_s: float = Field(600.0, gt=0)
     keep_last: int = Field(2, ge=1)
+
+    @field_validator("fp8_block_size")
+    @classmethod
+    def _positive_block(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError(f"weight_sync.fp8_block_size must be two positive ints [block_n, block_k], got {list(v)}")
+        return v
+
+    @property
+    def export_dtype(self) -> Any:
+        """What the export casts to: ``dtype``, or a ``BlockFP8Format`` when ``dtype: fp8``."""
+        if self.dtype != "fp8":
+            return self.dtype
+        from megatron_vespo.fp8.blockwise import BlockFP8Format
+
+        return BlockFP8Format(block=tuple(self.fp8_block_size))
 
     @property
     def bucket_bytes(self) -> int:

@@ -318,7 +318,8 @@ class DistributedWeightSync:
                 error = f"{type(exc).__name__}: {exc}"
         _share_error(error)
         inflight: Optional[_InFlight] = None
-        buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.dtype, dst=0)
+        buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.export_dtype,
+                                  dst=0)
         for bucket, last in with_last(buckets):
             if not rank0 or error is not None:
                 continue  # keep iterating: the other ranks are in the export's collectives

@@ -30,7 +30,8 @@ class EngineWeightSync:
 
     def __init__(self, root: str | Path, hf_cfg: Any, cfg: WeightSyncConfig, source_dir: Optional[str] = None):
         self.cfg = cfg
-        self.disk = DiskWeightSync(root, hf_cfg, source_dir=source_dir, dtype=cfg.dtype, keep_last=cfg.keep_last)
+        self.disk = DiskWeightSync(root, hf_cfg, source_dir=source_dir, dtype=cfg.export_dtype,
+                                   keep_last=cfg.keep_last)
 
     def export(self, model: Any, version: int) -> Path:
         """Collective: write ``version`` as an HF directory (rank 0 writes) and return its path."""
@@ -81,9 +82,18 @@ class TensorEngineSync(EngineWeightSync):
 
 
 def build_weight_sync(kind: str, *, root: str | Path, hf_cfg: Any, cfg: Optional[WeightSyncConfig] = None,
-                      source_dir: Optional[str] = None, engine_tp_size: int = 1) -> EngineWeightSync:
-    """The weight sync of ``loop.weight_sync=kind``; ValueError names the choices."""
+                      source_dir: Optional[str] = None, engine_tp_size: int = 1,
+                      engine_ep_size: int = 1) -> EngineWeightSync:
+    """The weight sync of ``loop.weight_sync=kind``; ValueError names the choices.
+
+    ``engine_tp_size`` / ``engine_ep_size``: the rollout engines' layout (checked against
+    ``weight_sync.fp8_block_size`` when ``weight_sync.dtype=fp8``)."""
     cfg = cfg or WeightSyncConfig()
+    if cfg.dtype == "fp8":  # refuse a layout the FP8 engine would reject, before the first sync
+        from megatron_vespo.fp8.blockwise import check_block_layout
+
+        check_block_layout(hf_cfg, cfg.fp8_block_size, engine_tp_size, engine_ep_size,
+                           field=f"weight_sync.dtype=fp8 (weight_sync.fp8_block_size={list(cfg.fp8_block_size)})")
     if kind == "disk":
         return EngineWeightSync(root, hf_cfg, cfg, source_dir)
     if kind == "distributed":

@@ -144,7 +144,10 @@ class TrainerGroup:
         for t in tensors:
             opts = torch.distributed.BroadcastOptions()
             opts.rootRank, opts.rootTensor = 0, 0
-            works.append(self.pg.broadcast([t.contiguous()], opts))
+            t = t.contiguous()
+            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # gloo has no float8: send the same bytes
+                t = t.view(torch.uint8)
+            works.append(self.pg.broadcast([t], opts))
         return works
 
     def wait(self, works: Sequence[Any]) -> None:

@@ -202,7 +202,7 @@ class TensorWeightSync:
         if error is not None:
             raise (RuntimeError if "window" in error else ValueError)(error)
         t0, nbytes, nbuckets = time.perf_counter(), 0, 0
-        buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.dtype)
+        buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.export_dtype)
         try:
             for bucket, last in with_last(buckets):  # the last bucket carries the version and the cache flush
                 self._send(bucket, last, version, clients, run, rank, world)

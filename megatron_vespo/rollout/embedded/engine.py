@@ -70,8 +70,11 @@ class EmbeddedEngine:
 
     def __init__(self, model: Any, *, model_path: Optional[str] = None, tokenizer: Any = None,
                  weight_version: str = "default", random_seed: int = 0, max_batch_size: int = 32,
-                 batch_wait_s: float = 0.02, return_original_logprob: Optional[bool] = None):
+                 batch_wait_s: float = 0.02, return_original_logprob: Optional[bool] = None,
+                 fp8_weights: Optional[str] = None):
         self.model = model.eval()
+        self.fp8_weights = fp8_weights  # emulate an FP8 engine: round linear weights after every load
+        self._round_fp8()
         self.model_path = model_path
         self.tokenizer = tokenizer
         self.capture = route_capture_or_none(model)
@@ -106,6 +109,14 @@ class EmbeddedEngine:
                     **kwargs: Any) -> "EmbeddedEngine":
         """Engine over a random-weight ``models.presets`` model."""
         return cls(build_tiny_model(preset, seed=seed, dtype=dtype), model_path=f"preset:{preset}", **kwargs)
+
+    def _round_fp8(self) -> None:
+        """``fp8_weights`` (tensorwise | blockwise | mxfp8): FP8-round the linear weights, as an FP8
+        engine quantising BF16 weights would (``fp8.emulate.emulate_weights_``)."""
+        if self.fp8_weights:
+            from megatron_vespo.fp8.emulate import emulate_weights_
+
+            emulate_weights_(self.model, self.fp8_weights)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "EmbeddedEngine":
@@ -211,6 +222,7 @@ class EmbeddedEngine:
                 n = reload_weights_in_place(self.model, model_path)
             except (ValueError, OSError) as exc:
                 return False, f"Failed to update weights: {exc}", 0
+            self._round_fp8()
             self.model_path = str(model_path)
             if weight_version is not None:
                 self._set_version(str(weight_version))
@@ -230,6 +242,7 @@ class EmbeddedEngine:
                 load_named_tensors(self.model, named_tensors)
             except ValueError as exc:
                 return False, f"Failed to update parameter online: {exc}"
+            self._round_fp8()
             if weight_version is not None:
                 self._set_version(str(weight_version))
             return True, "Succeeded to update parameter online."

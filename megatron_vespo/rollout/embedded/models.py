@@ -9,6 +9,7 @@ No tokenizer is written: the pipeline works on token ids.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -74,6 +75,10 @@ def load_hf_model(model_path: str | os.PathLike, dtype: str | torch.dtype = "flo
     path = Path(model_path)
     if not (path / "config.json").is_file():
         raise ValueError(f"model_path {path} is not an HF checkpoint directory (no config.json)")
+    from megatron_vespo.fp8.serving import is_fp8_checkpoint, load_fp8_hf_model
+
+    if is_fp8_checkpoint(path):  # block-FP8 export (weight_sync.dtype=fp8): dequantised, SGLang's layout rules
+        return load_fp8_hf_model(path, resolve_dtype(dtype))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
     return model.eval()
 
@@ -99,13 +104,24 @@ def reload_weights_in_place(model: torch.nn.Module, model_path: str | os.PathLik
     the model stay valid. Per-expert checkpoint names land in transformers' fused expert
     tensors (``weight_update.hf_param_views``). Raises ValueError naming what to fix.
     """
+    from megatron_vespo.fp8.blockwise import dequantize_named_tensors
+    from megatron_vespo.fp8.serving import checkpoint_fp8_block, served_fp8_block
     from megatron_vespo.rollout.embedded.weight_checks import read_checkpoint_tensors, validate_full_checkpoint
     from megatron_vespo.rollout.embedded.weight_update import hf_param_views, load_named_tensors
 
+    config_path = Path(model_path) / "config.json"
+    block = checkpoint_fp8_block(json.loads(config_path.read_text()), str(config_path)) if config_path.is_file() \
+        else None
+    if block != served_fp8_block(model):  # SGLang keeps the start-up format for every update
+        raise ValueError(f"{model_path}: checkpoint FP8 block {block} but the engine serves "
+                         f"{served_fp8_block(model)} (None = not FP8); restart the engine from a checkpoint of "
+                         "the format it should serve")
     named = read_checkpoint_tensors(model_path)
     views = hf_param_views(model)
-    try:
-        validate_full_checkpoint(model, views, named)
+    try:  # block-FP8 export: checked as the engine serves it (dequantised); loaded as sent (FP8 + scales)
+        checked = named if block is None else dequantize_named_tensors(named, dtype=next(model.parameters()).dtype,
+                                                                        block=block)
+        validate_full_checkpoint(model, views, checked)
     except ValueError as exc:
         raise ValueError(f"{model_path}: {exc}") from None
     return load_named_tensors(model, named, views)

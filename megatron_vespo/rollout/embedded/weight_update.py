@@ -84,6 +84,10 @@ def load_named_tensors(model: torch.nn.Module, named: Sequence[tuple[str, torch.
     Raises ValueError naming the offending tensors (unknown name, shape mismatch, non-floating
     dtype, duplicate, NaN / inf values). dtypes are converted like SGLang's weight loaders do (bf16 -> fp32 ...).
     """
+    from megatron_vespo.fp8.serving import check_fp8_update, served_fp8_block
+
+    # FP8 weights + weight_scale_inv only into an engine serving block FP8, dequantised (fp8/serving.py)
+    named = check_fp8_update(served_fp8_block(model), named, dtype=next(model.parameters()).dtype)
     views = hf_param_views(model) if views is None else views
     unknown = [n for n, _ in named if n not in views]
     if unknown:
@@ -190,7 +194,10 @@ class WeightUpdateGroups:
                 torch.distributed.broadcast(flat, group_src=0, group=pg)
                 return reconstruct_flattened(flat, meta)
             out = [(n, torch.empty(s, dtype=d)) for n, d, s in meta]
-            works = [torch.distributed.broadcast(t, group_src=0, group=pg, async_op=True) for _, t in out]
+            # gloo has no float8 type: receive FP8 weights (weight_sync.dtype=fp8) as their bytes
+            works = [torch.distributed.broadcast(t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn,
+                                                 torch.float8_e5m2) else t, group_src=0, group=pg, async_op=True)
+                     for _, t in out]
             for w in works:
                 w.wait()
             return out
