@@ -23,18 +23,31 @@ class JobConfig(Section):
     """One RL job; every YAML under ``examples/`` validates against this."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """Policy model."""
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    """Model-parallel layout."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """Optimisation and staleness."""
     loss: LossConfig = Field(default_factory=LossConfig)
+    """Policy loss."""
     routing: RoutingReplayConfig = Field(default_factory=RoutingReplayConfig)
+    """MoE routing replay."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """Rollout engines."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """Prompt data set."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Training checkpoints."""
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    """RL loop."""
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    """Weight sync to the engines."""
     fp8: FP8Config = Field(default_factory=FP8Config)
+    """FP8 training (Transformer Engine)."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Metrics logging."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out evaluation."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobConfig":

@@ -20,10 +20,16 @@ class RolloutISConfig(Section):
     """
 
     enabled: bool = False
+    """Apply rollout importance-sampling weights (pi_old / mu_rollout)."""
     level: Literal["token", "sequence"] = "token"
+    """Weights per token or per sequence."""
     mode: Literal["truncate", "mask"] = "truncate"
+    """truncate: clamp weights at threshold (TIS); mask: drop tokens/sequences whose weight leaves [lower, threshold]
+    (MIS)."""
     threshold: float = Field(2.0, gt=0)
+    """Upper bound of the weights."""
     lower: Optional[float] = Field(None, ge=0)
+    """Lower bound of the mask mode (default: 1 / threshold)."""
 
 
 class LossConfig(Section):
@@ -35,9 +41,13 @@ class LossConfig(Section):
     """
 
     name: str = "vespo"
+    """Registered policy loss (losses.available_losses())."""
     params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the loss (e.g. VESPO's c1_pos); unknown names are rejected."""
     loss_agg_mode: Optional[AggMode] = None
+    """Token aggregation (default: the loss's own); one the loss cannot use is rejected."""
     rollout_is: RolloutISConfig = Field(default_factory=RolloutISConfig)
+    """Train/inference mismatch correction weights (TIS / MIS)."""
 
     @field_validator("name")
     @classmethod

@@ -28,14 +28,26 @@ class ModelConfig(Section):
     """
 
     preset: Optional[str] = "tiny"
+    """Named architecture (e.g. qwen3-30b-a3b or tiny); this or hf_path must be set."""
     hf_path: Optional[str] = None
+    """Hugging Face checkpoint directory with config.json."""
     hf_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Fields of the Hugging Face config to patch (e.g. num_hidden_layers)."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the trainer's parameters."""
     seed: int = 1234
+    """Seed of the random initialisation (presets without weights)."""
     transformer_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Extra Megatron TransformerConfig fields, Megatron names (e.g. moe_aux_loss_coeff: 1e-3); Megatron validates
+    them."""
     recompute_granularity: Optional[Literal["full", "selective"]] = None
+    """Activation recomputation: full (whole layers, needs recompute_method and recompute_num_layers) or selective
+    (core attention only)."""
     recompute_method: Optional[Literal["uniform", "block"]] = None
+    """full recompute: uniform (every recompute_num_layers layers form one chunk) or block (the first
+    recompute_num_layers of each stage)."""
     recompute_num_layers: Optional[int] = Field(None, ge=1)
+    """Layers per recomputed chunk (uniform) or recomputed layers per stage (block)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":

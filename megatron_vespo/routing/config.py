@@ -17,3 +17,5 @@ class RoutingReplayConfig(Section):
     """
 
     mode: Literal["disabled", "R2", "R3"] = "disabled"
+    """disabled: routers choose freely; R2: replay the trainer's own old-log-prob routing in every update; R3: replay
+    the rollout engine's experts."""

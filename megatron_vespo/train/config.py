@@ -18,13 +18,21 @@ class ParallelConfig(Section):
     """Model-parallel layout (Megatron-Core names). World size = TP * PP * CP * DP."""
 
     tensor_model_parallel_size: int = Field(1, ge=1)
+    """Tensor-parallel size (Megatron TP)."""
     pipeline_model_parallel_size: int = Field(1, ge=1)
+    """Pipeline stages (Megatron PP)."""
     expert_model_parallel_size: int = Field(1, ge=1)
+    """Expert-parallel size (Megatron EP)."""
     expert_tensor_parallel_size: Optional[int] = Field(None, ge=1)
+    """Tensor-parallel size inside experts (default: tensor_model_parallel_size)."""
     context_parallel_size: int = Field(1, ge=1)
+    """Context-parallel size (Megatron CP)."""
     sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor_model_parallel_size > 1)."""
     moe_token_dispatcher_type: Literal["allgather", "alltoall", "flex"] = "alltoall"
+    """Megatron MoE token dispatcher."""
     use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer)."""
 
     def check_world_size(self, world_size: int) -> None:
         """Raise ConfigError naming the fields when ``world_size`` ranks cannot hold this layout."""
@@ -60,28 +68,47 @@ class TrainConfig(Section):
     """
 
     rollout_batch_size: int = Field(8, ge=1)
+    """Samples per rollout batch (a multiple of rollout.n_samples_per_prompt)."""
     mini_batch_size: int = Field(8, ge=1)
+    """Samples per optimizer update; N = rollout_batch_size / mini_batch_size is the staleness."""
     micro_batch_size: int = Field(1, ge=1)
+    """Samples per forward/backward pass within a mini-batch."""
     lr: float = Field(1e-6, gt=0)
+    """Peak learning rate."""
     min_lr: float = Field(0.0, ge=0)
+    """Learning rate at the end of the decay."""
     lr_warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up updates."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up."""
     weight_decay: float = Field(0.0, ge=0)
+    """Adam weight decay."""
     adam_beta1: float = 0.9
+    """Adam beta1."""
     adam_beta2: float = 0.999
+    """Adam beta2."""
     adam_eps: float = 1e-8
+    """Adam epsilon."""
     clip_grad: float = Field(1.0, ge=0)
+    """Gradient-norm clip; 0 = off."""
     old_log_prob_source: Literal["recompute", "rollout"] = "recompute"
+    """recompute: pi_old from a trainer forward before the updates; rollout: use the engine's log-probs."""
     train_iters: int = Field(1, ge=1)
+    """Rollout steps the LR schedule spans (x N updates each)."""
     seed: int = 1234
+    """Trainer seed (Megatron model-parallel RNG, data order)."""
     # memory (megatron-core 0.16.1 OptimizerConfig fields, optimizer/optimizer_config.py):
     # CPU Adam keeps fp32 main weights and Adam moments of `optimizer_offload_fraction` of the
     # parameters in host memory and steps them there (HybridDeviceOptimizer); the precision-aware
     # optimizer lets the Adam kernel own main weights / moments. slime's Qwen3-30B-A3B recipe on
     # 8 x H100 turns on both.
     optimizer_cpu_offload: bool = False
-    optimizer_offload_fraction: float = Field(1.0, ge=0.0, le=1.0)  # Megatron-LM's CLI default (the dataclass has 0)
+    """Keep fp32 main weights and Adam moments in host memory and step them there (megatron-core 0.16.1
+    HybridDeviceOptimizer)."""
+    optimizer_offload_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    """Fraction of the parameters CPU Adam offloads (Megatron-LM's CLI default 1.0; the dataclass has 0)."""
     use_precision_aware_optimizer: bool = False
+    """Let the Adam kernel own main weights / moments (megatron-core OptimizerConfig)."""
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":
