@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from megatron_vespo.checkpoint.config import CheckpointConfig
@@ -17,6 +20,31 @@ from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.routing.config import RoutingReplayConfig
 from megatron_vespo.train.config import ParallelConfig, TrainConfig
 from megatron_vespo.weight_sync.config import WeightSyncConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _move_deprecated_keys(data: Any) -> Any:
+    """``loop.weight_sync`` (deprecated) -> ``weight_sync.kind``; both set and different is an error."""
+    if not isinstance(data, dict):
+        return data
+    loop = data.get("loop")
+    if isinstance(loop, LoopConfig):
+        loop = loop.model_dump(exclude_unset=True) | ({"weight_sync": loop.weight_sync} if loop.weight_sync else {})
+    if not isinstance(loop, dict) or loop.get("weight_sync") not in ("disk", "distributed", "tensor"):
+        return data  # unset, or a bad value: LoopConfig's validation names loop.weight_sync
+    data, loop = dict(data), dict(loop)
+    old = loop.pop("weight_sync")
+    sync = data.get("weight_sync")
+    sync = sync.model_dump(exclude_unset=True) if isinstance(sync, WeightSyncConfig) else dict(sync or {})
+    if not isinstance(sync, dict):
+        return data  # not a mapping: the section's own validation names it
+    if "kind" in sync and sync["kind"] != old:
+        raise ValueError(f"loop.weight_sync={old} and weight_sync.kind={sync['kind']} disagree: loop.weight_sync is "
+                         "the deprecated name of weight_sync.kind, set only weight_sync.kind")
+    logger.warning("loop.weight_sync is deprecated: write weight_sync.kind=%s instead", old)
+    data["loop"], data["weight_sync"] = loop, {**sync, "kind": old}
+    return data
 
 
 class JobConfig(Section):
@@ -48,6 +76,11 @@ class JobConfig(Section):
     """Metrics logging."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Held-out evaluation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_keys(cls, data: Any) -> Any:
+        return _move_deprecated_keys(data)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobConfig":

@@ -47,10 +47,10 @@ def async_bounds(job: JobConfig) -> tuple[int, int, int]:
     if buffer_groups < groups:
         raise ConfigError(f"loop.buffer_groups={buffer_groups} is smaller than one rollout batch ({groups} groups = "
                           "train.rollout_batch_size / rollout.n_samples_per_prompt): the trainer could never pull one")
-    if loop.pause_mode == "in_place" and job.rollout.engine == "sglang" and loop.weight_sync != "disk":
-        raise ConfigError(f"loop.pause_mode=in_place with loop.weight_sync={loop.weight_sync} on SGLang engines: the "
-                          "update flushes the KV cache, which SGLang refuses while requests are paused in place; "
-                          "use loop.pause_mode=abort or retract (or loop.weight_sync=disk)")
+    if loop.pause_mode == "in_place" and job.rollout.engine == "sglang" and job.weight_sync.kind != "disk":
+        raise ConfigError(f"loop.pause_mode=in_place with weight_sync.kind={job.weight_sync.kind} on SGLang engines: "
+                          "the update flushes the KV cache, which SGLang refuses while requests are paused in place; "
+                          "use loop.pause_mode=abort or retract (or weight_sync.kind=disk)")
     return groups, buffer_groups, loop.max_inflight_groups or groups
 
 
@@ -124,7 +124,7 @@ def update_engines(setup: Any, engines: Any, version: int, pause_mode: str) -> d
     from megatron_vespo.orchestration.setup import broadcast_from_rank0, raise_if_interrupted
 
     model = setup.actor.model
-    if setup.job.loop.weight_sync == "disk":
+    if setup.job.weight_sync.kind == "disk":
         view = _PausedDiskLoad(engines, pause_mode) if engines is not None else None
         metrics = setup.sync.update(model, version, view)
         return {**metrics, "time/engines_paused_s": view.paused_s if view else 0.0}

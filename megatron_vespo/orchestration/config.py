@@ -28,8 +28,8 @@ class LoopConfig(Section):
     """Rollout batches to generate and train on."""
     max_policy_lag: int = Field(1, ge=0)
     """Async: groups whose policy lag (trainer version - version of the first token) exceeds this are dropped."""
-    weight_sync: Literal["disk", "tensor", "distributed"] = "disk"
-    """Weight-sync path: disk (HF export + reload), tensor (colocated, CUDA IPC) or distributed (broadcast)."""
+    weight_sync: Optional[Literal["disk", "tensor", "distributed"]] = Field(None, exclude=True)
+    """Deprecated alias of weight_sync.kind: moved there when the job config is validated (always None after)."""
     output_dir: str = "outputs/run"
     """Run directory: metrics, exported weights, evaluation outputs."""
     pause_mode: Literal["abort", "in_place", "retract"] = "abort"

@@ -7,7 +7,7 @@ the weight export are), in this order:
 2. resume (``checkpoint.load`` or an existing ``checkpoint.save_dir``), else the HF base
    model when ``model.hf_path`` is set; ``start`` iteration and policy ``version``;
 3. the prompt data set at its saved position, the reward function, the weight sync of
-   ``loop.weight_sync``;
+   ``weight_sync.kind``;
 4. ``serve_path``: what the engines start from -- the HF base model itself on a fresh start
    from it, otherwise (random init, resume) an export of the trainer's current weights.
 
@@ -198,7 +198,7 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
     if state and state.get("data"):
         dataset.load_state_dict(state["data"])
     reward_fn = get_reward(job.data.reward)
-    sync = build_weight_sync(job.loop.weight_sync, root=out / "weights", hf_cfg=actor.hf_cfg, cfg=job.weight_sync,
+    sync = build_weight_sync(job.weight_sync.kind, root=out / "weights", hf_cfg=actor.hf_cfg, cfg=job.weight_sync,
                              source_dir=job.model.hf_path, engine_tp_size=job.rollout.tp_size)
     fresh_hf = state is None and job.checkpoint.load is None and job.model.hf_path is not None
     serve_path = job.model.hf_path if fresh_hf else str(sync.export(actor.model, version))

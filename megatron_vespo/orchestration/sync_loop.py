@@ -4,7 +4,7 @@
         samples = collect_rollout(engines, prompts)        # rank 0: tokens, mu log-probs, routes, reward
         batch   = collate(samples)                         # buffer: group advantages, padding
         actor.train_on_rollout(batch)                      # all ranks: old log-probs once, N updates
-        weight_sync.update(actor, version + 1, engines)    # disk / broadcast / CUDA IPC (loop.weight_sync)
+        weight_sync.update(actor, version + 1, engines)    # disk / broadcast / CUDA IPC (weight_sync.kind)
         evaluate(engines) every loop.eval_every rollouts   # held-out avg@k / pass@k, best policy kept
         checkpointer.maybe_save(it, ...)
 

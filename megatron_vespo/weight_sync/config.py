@@ -1,7 +1,7 @@
 """Config of the weight sync to the rollout engines (owned by ``weight_sync/``).
 
-Which path runs is ``loop.weight_sync`` (``disk`` | ``distributed`` | ``tensor``); this section
-holds the knobs of the paths. Names follow slime's where one exists
+Which path runs is ``weight_sync.kind`` (``disk`` | ``distributed`` | ``tensor``; the old key
+``loop.weight_sync`` still works as a deprecated alias); the other fields are the knobs of the paths. Names follow slime's where one exists
 (``update_weight_buffer_size`` -> ``bucket_mb``).
 """
 
@@ -17,6 +17,8 @@ from megatron_vespo.config.base import Section
 class WeightSyncConfig(Section):
     """Weight-sync knobs (one docstring per field below)."""
 
+    kind: Literal["disk", "distributed", "tensor"] = "disk"
+    """Path: disk (HF export + engine reload), distributed (broadcast to the engines), tensor (colocated, CUDA IPC)."""
     bucket_mb: float = Field(512, gt=0)
     """HF tensors are exported and sent in buckets of at most this many MiB (one HTTP call + broadcast per bucket;
     slime's update_weight_buffer_size)."""

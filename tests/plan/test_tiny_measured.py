@@ -114,7 +114,7 @@ def test_planned_weight_sync_buckets_equal_the_real_export(gloo):
     from megatron_vespo.checkpoint.export import iter_hf_weights
     from megatron_vespo.models.qwen3_moe import build_model_from_config, get_hf_config
 
-    job = load_config(JobConfig, TINY, ["weight_sync.bucket_mb=0.05", "loop.weight_sync=distributed"])
+    job = load_config(JobConfig, TINY, ["weight_sync.bucket_mb=0.05", "weight_sync.kind=distributed"])
     plan = run_plan(job, source=TINY.name)
     model = build_model_from_config(job.model, job.parallel)
     real = [(len(bk), sum(t.numel() * t.element_size() for _, t in bk))

@@ -142,7 +142,7 @@ def test_config_and_factory():
 
     assert WeightSyncConfig(bucket_mb=0.5).bucket_bytes == 2**19
     job = load_config(JobConfig, "examples/configs/tiny_cpu_vespo.yaml",
-                      ["loop.weight_sync=distributed", "weight_sync.bucket_mb=64", "weight_sync.backend=gloo"])
+                      ["weight_sync.kind=distributed", "weight_sync.bucket_mb=64", "weight_sync.backend=gloo"])
     assert job.weight_sync.bucket_bytes == 64 * 2**20
     with pytest.raises(ValueError, match="weight_sync.backend"):
         load_config(JobConfig, "examples/configs/tiny_cpu_vespo.yaml", ["weight_sync.backend=mpi"])
