@@ -51,7 +51,7 @@ def required_world_size(tp: int = 1, ep: int = 1, pp: int = 1, etp: Optional[int
 
 def parallel_config(tp: int = 1, ep: int = 1, pp: int = 1, etp: Optional[int] = None) -> Any:
     """The ``ParallelConfig`` of a conversion layout (expert TP defaults to 1 so TP and EP combine)."""
-    from megatron_vespo.train.config import ParallelConfig
+    from megatron_vespo.parallel.config import ParallelConfig
 
     return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                           expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or 1,
@@ -68,7 +68,7 @@ def _setup(hf_config_dir: str, parallel: Any, params_dtype: torch.dtype) -> tupl
     """Validate the layout against the model, bring up parallel_state, build this rank's model."""
     from megatron_vespo.models.config import ModelConfig
     from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config, validate_layout
-    from megatron_vespo.train.parallel import init_parallel
+    from megatron_vespo.parallel.state import init_parallel
 
     hf_cfg = get_hf_config(ModelConfig(preset=None, hf_path=hf_config_dir))
     validate_layout(hf_cfg, parallel, world_size=_world_size())
@@ -78,7 +78,7 @@ def _setup(hf_config_dir: str, parallel: Any, params_dtype: torch.dtype) -> tupl
 
 
 def _teardown(created_process_group: bool) -> None:
-    from megatron_vespo.train.parallel import destroy_parallel
+    from megatron_vespo.parallel.state import destroy_parallel
 
     destroy_parallel(destroy_process_group=created_process_group)
 

@@ -16,9 +16,10 @@ from megatron_vespo.losses.config import LossConfig
 from megatron_vespo.models.config import ModelConfig
 from megatron_vespo.observability.config import LoggingConfig
 from megatron_vespo.orchestration.config import LoopConfig
+from megatron_vespo.parallel.config import ParallelConfig
 from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.routing.config import RoutingReplayConfig
-from megatron_vespo.train.config import ParallelConfig, TrainConfig
+from megatron_vespo.train.config import TrainConfig
 from megatron_vespo.weight_sync.config import WeightSyncConfig
 
 logger = logging.getLogger(__name__)

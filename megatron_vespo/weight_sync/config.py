@@ -1,8 +1,8 @@
 """Config of the weight sync to the rollout engines (owned by ``weight_sync/``).
 
 Which path runs is ``weight_sync.kind`` (``disk`` | ``distributed`` | ``tensor``; the old key
-``loop.weight_sync`` still works as a deprecated alias); the other fields are the knobs of the paths. Names follow slime's where one exists
-(``update_weight_buffer_size`` -> ``bucket_mb``).
+``loop.weight_sync`` still works as a deprecated alias); the other fields are the knobs of the
+paths. Names follow slime's where one exists (``update_weight_buffer_size`` -> ``bucket_mb``).
 """
 
 from __future__ import annotations
