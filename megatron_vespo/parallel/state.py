@@ -3,7 +3,8 @@
 ``init_parallel(parallel, seed)`` brings up ``torch.distributed`` (NCCL with CUDA, gloo on
 CPU, after applying the CPU compatibility patches), Megatron's ``parallel_state`` groups from
 a ``ParallelConfig`` and the model-parallel RNG seeds. ``destroy_parallel()`` undoes it, so
-one process can build several layouts in sequence (tests, benchmarks).
+one process can build several layouts in sequence (tests, benchmarks); ``parallel_session`` is the
+``with`` block around both.
 
 Single-process use needs no launcher: without ``RANK``/``WORLD_SIZE`` in the environment a
 1-process group on a free local port is created.
@@ -14,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -165,3 +167,17 @@ def destroy_parallel(destroy_process_group: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if destroy_process_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def parallel_session(parallel: ParallelConfig, seed: int = 1234, **kwargs) -> Iterator[ParallelInfo]:
+    """``with parallel_session(layout) as info:`` -- ``init_parallel`` on entry, ``destroy_parallel`` on exit.
+
+    The process group is destroyed on exit only when this block created it (a ``torchrun`` job's
+    group, or one a caller set up, outlives the block). ``kwargs`` go to :func:`init_parallel`.
+    """
+    created = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    try:
+        yield init_parallel(parallel, seed, **kwargs)
+    finally:
+        destroy_parallel(destroy_process_group=created)

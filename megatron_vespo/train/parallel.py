@@ -7,8 +7,9 @@ from megatron_vespo.parallel.state import (  # noqa: F401
     destroy_parallel,
     init_parallel,
     parallel_info,
+    parallel_session,
     seed_everything,
 )
 
 __all__ = ["ParallelInfo", "default_backend", "destroy_parallel", "init_parallel", "parallel_info",
-           "seed_everything"]
+           "parallel_session", "seed_everything"]
