@@ -25,12 +25,11 @@ TINY = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_cpu_
 @pytest.fixture
 def gloo():
     """A 1-process gloo group + parallel_state, torn down after the test."""
-    from megatron_vespo.train.config import ParallelConfig
-    from megatron_vespo.train.parallel import destroy_parallel, init_parallel
+    from megatron_vespo.parallel.config import ParallelConfig
+    from megatron_vespo.parallel.state import parallel_session
 
-    init_parallel(ParallelConfig())
-    yield
-    destroy_parallel(destroy_process_group=True)
+    with parallel_session(ParallelConfig()):
+        yield
 
 
 def _measured_optimizer_bytes(optimizer) -> tuple[int, int]:
