@@ -10,13 +10,9 @@ from megatron_vespo.config.base import Section
 
 
 class DataConfig(Section):
-    """Prompts come from a JSONL file (``prompt_key``/``label_key``) or a built-in synthetic task.
+    """Prompts come from a JSONL file or a built-in synthetic task; ``reward`` scores each response.
 
-    ``reward`` names the function in ``rewards/`` that scores a response against the label;
-    ``num_labels`` is how many distinct labels the synthetic task draws from (1 makes it
-    unconditional: the easiest learning signal). JSONL rows are checked at load (``file:line``
-    in every error); prompts longer than ``max_prompt_len`` are cut with a warning counting them,
-    or refused with ``on_long_prompt: error``.
+    JSONL rows are checked at load (``file:line`` in every error).
     """
 
     source: Literal["jsonl", "synthetic"] = "synthetic"

@@ -12,18 +12,13 @@ from megatron_vespo.config.base import Section
 class EvalConfig(Section):
     """What ``megatron-vespo eval`` and the loop's periodic evaluation score.
 
-    ``path``: a JSONL held-out set. Math releases (AIME, AMC, MATH-500) ship ``problem`` /
-    ``answer`` fields, the defaults of ``prompt_key`` / ``label_key``; token-id prompts work as in
-    ``data``. Without ``path``, a synthetic job evaluates on a held-out synthetic split (the same
-    generator as ``data`` with a different seed: ``data.seed + 7919``), ``num_prompts`` of them.
+    Math releases (AIME, AMC, MATH-500) ship ``problem`` / ``answer`` fields, the defaults of
+    ``prompt_key`` / ``label_key``; token-id prompts work as in ``data``.
 
     Scores: ``avg@k`` = mean reward over ``k`` samples per prompt at ``temperature``; ``pass@k`` =
     fraction of prompts with at least one sample whose reward >= ``pass_threshold``; ``greedy`` =
-    mean reward of one greedy response per prompt (when ``greedy``). ``reward`` defaults to
-    ``data.reward``; ``max_new_tokens`` to ``rollout.sampling.max_new_tokens``.
-
-    During training (``loop.eval_every`` > 0) ``keep_best`` exports the policy with the best
-    ``avg@k`` so far to ``<loop.output_dir>/best_policy`` (an HF directory ``eval`` can score).
+    mean reward of one greedy response per prompt (when ``greedy``). During training
+    (``loop.eval_every`` > 0) the best policy is an HF directory ``eval`` can score.
     """
 
     path: Optional[str] = None

@@ -13,11 +13,7 @@ AggMode = Literal[AGG_MODES]  # the aggregation module's list, one source of tru
 
 
 class RolloutISConfig(Section):
-    """Train/inference mismatch correction weights (TIS / MIS) from rollout vs training log-probs.
-
-    ``level``: token or sequence; ``mode``: ``truncate`` clamps weights at ``threshold``
-    (TIS), ``mask`` drops tokens/sequences whose weight leaves [``lower``, ``threshold``] (MIS).
-    """
+    """Train/inference mismatch correction weights (TIS / MIS) from rollout vs training log-probs."""
 
     enabled: bool = False
     """Apply rollout importance-sampling weights (pi_old / mu_rollout)."""
@@ -35,8 +31,7 @@ class RolloutISConfig(Section):
 class LossConfig(Section):
     """Which registered policy loss to use and its parameters.
 
-    ``params`` are passed to the loss as keyword arguments (e.g. VESPO's ``c1_pos``);
-    unknown names, non-numeric values and a ``loss_agg_mode`` the loss cannot use are
+    Unknown ``params`` names, non-numeric values and a ``loss_agg_mode`` the loss cannot use are
     rejected when the config is validated (and again when the loss is called).
     """
 
