@@ -55,14 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from megatron_vespo.config.base import ConfigError
+    from megatron_vespo.utils.interrupt import raise_if_interrupted
 
     log = logging.getLogger("megatron_vespo")
     try:
         try:
             rc = args.func(args)
         except Exception as exc:
-            if _caused_by_interrupt(exc):  # Ctrl-C that a library (anyio under httpx) turned into its own error
-                raise KeyboardInterrupt from exc
+            raise_if_interrupted(exc)  # Ctrl-C that a library (anyio under httpx) turned into its own error
             raise
     except ConfigError as exc:
         log.error("%s", exc)
@@ -90,18 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         _silence_keyboard_interrupt_traceback()
         raise
     return int(rc or 0)
-
-
-def _caused_by_interrupt(exc: BaseException) -> bool:
-    """True when a KeyboardInterrupt is in ``exc``'s cause/context chain."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, KeyboardInterrupt):
-            return True
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return False
 
 
 def _silence_keyboard_interrupt_traceback() -> None:

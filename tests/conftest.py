@@ -31,3 +31,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _destroy_parallel() -> None:
+    from megatron_vespo.parallel.state import destroy_parallel
+
+    destroy_parallel(destroy_process_group=True)
+
+
+@pytest.fixture
+def parallel_teardown():
+    """Megatron's parallel state and the 1-process group a test built are torn down after it.
+
+    For tests that build an actor or model in this process (``init_parallel`` creates a group on
+    first use); one group per test, so the next test can pick another layout.
+    """
+    pytest.importorskip("megatron.core")
+    yield
+    _destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def parallel_teardown_module():
+    """As ``parallel_teardown``, once after the whole module (its tests share one layout).
+
+    Use it with ``pytestmark = [..., pytest.mark.usefixtures("parallel_teardown_module")]``.
+    """
+    pytest.importorskip("megatron.core")
+    yield
+    _destroy_parallel()

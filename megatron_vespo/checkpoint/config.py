@@ -12,24 +12,27 @@ from megatron_vespo.config.base import Section
 class CheckpointConfig(Section):
     """Where and how often to save; ``load`` resumes from a checkpoint directory.
 
-    ``save_dir`` receives ``iter_XXXXXXX/`` directories (model, optimizer, LR schedule, RNG,
-    data position, policy version) and ``latest_checkpointed_iteration.txt``; the newest
-    ``keep_last`` are kept. ``load`` is a save directory (its latest iteration), one
-    ``iter_*`` directory, or a model checkpoint from ``convert hf-to-mcore`` (weights only).
-    ``load_optimizer`` / ``load_rng`` = false restore the weights (and trainer state) but start
-    a fresh optimizer / keep the current seeds, e.g. to continue under another parallel layout.
-    ``hf_export_interval`` > 0 also writes an HF directory (``hf_export_dtype``) every that many
-    iterations under ``save_dir/hf/iter_XXXXXXX`` for evaluation or serving.
+    An ``iter_XXXXXXX/`` directory holds model, optimizer, LR schedule, RNG, data position and
+    policy version.
     """
 
     save_dir: Optional[str] = None
+    """Receives iter_XXXXXXX/ directories and latest_checkpointed_iteration.txt."""
     save_interval: int = Field(0, ge=0)
+    """Save every this many iterations; 0 = never."""
     keep_last: int = Field(2, ge=1)
+    """Newest checkpoints kept in save_dir."""
     load: Optional[str] = None
+    """Resume from a save directory (its latest iteration), one iter_* directory, or a convert hf-to-mcore output
+    (weights only)."""
     load_optimizer: bool = True
+    """Restore the optimizer state (false: fresh optimizer, e.g. under another parallel layout)."""
     load_rng: bool = True
+    """Restore the RNG states (false: keep the current seeds)."""
     hf_export_interval: int = Field(0, ge=0)
+    """Also write an HF directory under save_dir/hf/iter_XXXXXXX every this many iterations; 0 = never."""
     hf_export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of the HF exports."""
 
     @model_validator(mode="after")
     def _save_dir_when_saving(self) -> "CheckpointConfig":

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -51,7 +52,7 @@ def required_world_size(tp: int = 1, ep: int = 1, pp: int = 1, etp: Optional[int
 
 def parallel_config(tp: int = 1, ep: int = 1, pp: int = 1, etp: Optional[int] = None) -> Any:
     """The ``ParallelConfig`` of a conversion layout (expert TP defaults to 1 so TP and EP combine)."""
-    from megatron_vespo.train.config import ParallelConfig
+    from megatron_vespo.parallel.config import ParallelConfig
 
     return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                           expert_model_parallel_size=ep, expert_tensor_parallel_size=etp or 1,
@@ -64,23 +65,21 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _setup(hf_config_dir: str, parallel: Any, params_dtype: torch.dtype) -> tuple[Any, bool]:
-    """Validate the layout against the model, bring up parallel_state, build this rank's model."""
+@contextmanager
+def conversion_model(hf_config_dir: str, parallel: Any, params_dtype: torch.dtype) -> Iterator[Any]:
+    """``with conversion_model(dir, layout, dtype) as model:`` -- this rank's model under ``layout``.
+
+    Validates the layout against the model's config.json, brings the layout up
+    (:func:`megatron_vespo.parallel.state.parallel_session`) and tears it down on exit.
+    """
     from megatron_vespo.models.config import ModelConfig
     from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config, validate_layout
-    from megatron_vespo.train.parallel import init_parallel
+    from megatron_vespo.parallel.state import parallel_session
 
     hf_cfg = get_hf_config(ModelConfig(preset=None, hf_path=hf_config_dir))
     validate_layout(hf_cfg, parallel, world_size=_world_size())
-    created = not dist.is_initialized()
-    init_parallel(parallel)
-    return build_gpt_model(hf_cfg, parallel, params_dtype=params_dtype), created
-
-
-def _teardown(created_process_group: bool) -> None:
-    from megatron_vespo.train.parallel import destroy_parallel
-
-    destroy_parallel(destroy_process_group=created_process_group)
+    with parallel_session(parallel):
+        yield build_gpt_model(hf_cfg, parallel, params_dtype=params_dtype)
 
 
 # ----------------------------------------------------------------------------- verification
@@ -173,16 +172,13 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, ep: int = 1, pp: int 
     dist.check_output_dir(out_dir)
     dtype = parse_dtype(params_dtype) or config_dtype(cfg) or torch.float32
     parallel = parallel_config(tp, ep, pp, etp)
-    model, created = _setup(hf_dir, parallel, dtype)
     report: dict[str, Any] = {"hf_dir": str(hf_dir), "out": str(out_dir), "layout": dict(tp=tp, ep=ep, pp=pp),
                               "params_dtype": dtype_name(dtype)}
-    try:
+    with conversion_model(hf_dir, parallel, dtype) as model:
         load_hf_weights(model, reader, dims)
         save_model_checkpoint(model, out_dir, cfg, source_dir=hf_dir, extra_meta={"source": str(hf_dir)},
                               verify_fn=_verifier(model, dims, tolerance, report, hf_dir=hf_dir, config_dir=hf_dir,
                                                   parallel=parallel) if verify else None)
-    finally:
-        _teardown(created)
     logger.info("hf-to-mcore done: %s", report)
     return report
 
@@ -226,20 +222,17 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, ep: int = 1, pp: in
         fp8 = BlockFP8Format(block=tuple(fp8_block), dtype=parse_dtype(dtype))
     dist.check_output_dir(out_dir)
     parallel = parallel_config(tp, ep, pp, etp)
-    model, created = _setup(str(ckpt / HF_SUBDIR), parallel, parse_dtype(meta["params_dtype"]))
     report: dict[str, Any] = {"ckpt": str(ckpt), "out": str(out_dir), "layout": dict(tp=tp, ep=ep, pp=pp),
                               "saved_layout": meta.get("saved_layout")}
     lossy = dtype is not None and parse_dtype(dtype) not in (parse_dtype(meta["params_dtype"]), torch.float32)
     hint = (f" (the export rounds {meta['params_dtype']} weights to {dtype}: a difference of that size is "
             "expected; raise --tolerance to accept it)") if lossy else ""
-    try:
+    with conversion_model(str(ckpt / HF_SUBDIR), parallel, parse_dtype(meta["params_dtype"])) as model:
         load_model_checkpoint(model, ckpt)
         save_hf_checkpoint(model, cfg, out_dir, source_dir=str(ckpt / HF_SUBDIR), dtype=fp8 or dtype,
                            max_shard_bytes=max_shard_bytes,
                            verify_fn=_verifier(model, dims, tolerance, report, ckpt_dir=str(ckpt),
                                                config_dir=str(ckpt / HF_SUBDIR), parallel=parallel, hint=hint)
                            if verify else None)
-    finally:
-        _teardown(created)
     logger.info("mcore-to-hf done: %s", report)
     return report

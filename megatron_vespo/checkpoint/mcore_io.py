@@ -31,8 +31,9 @@ from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
 
+#: what a failed ``dist_checkpointing.load`` raises (catch these, re-raise naming the checkpoint);
 #: torch.distributed.checkpoint's CheckpointException derives from BaseException, not Exception
-_LOAD_ERRORS = (Exception, CheckpointException)
+LOAD_ERRORS = (Exception, CheckpointException)
 
 META_NAME = "megatron_vespo_checkpoint.json"
 FORMAT_VERSION = 1
@@ -72,7 +73,8 @@ def hf_config_dict(hf_cfg: Any) -> dict:
     return dict(hf_cfg) if isinstance(hf_cfg, Mapping) else hf_cfg.to_dict()
 
 
-def _strip_extra_state(sharded: dict) -> dict:
+def strip_extra_state(sharded: dict) -> dict:
+    """``sharded`` without the ``*._extra_state`` entries (what every model save / load here uses)."""
     # ``_extra_state`` holds Transformer Engine FP8 metadata (empty for local layers). Its
     # sharded-object ids depend on the layout, which would tie a checkpoint to one TP/EP layout.
     return {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
@@ -92,7 +94,7 @@ def write_model_checkpoint(model: Any, ckpt_dir: Path, hf_cfg: Any, *, source_di
     if dist.rank() == 0:
         model_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_strip_extra_state(gpt.sharded_state_dict()), str(model_dir))
+    dist_checkpointing.save(strip_extra_state(gpt.sharded_state_dict()), str(model_dir))
     if dist.rank() == 0:
         hf_dir = Path(ckpt_dir) / HF_SUBDIR
         hf_dir.mkdir(exist_ok=True)
@@ -166,10 +168,10 @@ def load_model_checkpoint(model: Any, ckpt_dir: str | os.PathLike) -> dict:
     apply_dist_ckpt_cpu_compat()
     meta = read_checkpoint_meta(ckpt_dir)
     gpt = unwrap_model(model)
-    sharded = _strip_extra_state(gpt.sharded_state_dict())
+    sharded = strip_extra_state(gpt.sharded_state_dict())
     try:
         state = dist_checkpointing.load(sharded, str(Path(ckpt_dir) / MODEL_SUBDIR), strict=StrictHandling.RAISE_ALL)
-    except _LOAD_ERRORS as exc:  # megatron's CheckpointingException, KeyError, torch's CheckpointException
+    except LOAD_ERRORS as exc:  # megatron's CheckpointingException, KeyError, torch's CheckpointException
         raise ValueError(f"{Path(ckpt_dir) / MODEL_SUBDIR}: cannot load into this model ({exc})") from exc
     result = gpt.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]

@@ -42,7 +42,7 @@ import torch
 from megatron_vespo.checkpoint import dist
 from megatron_vespo.checkpoint.export import unwrap_model
 from megatron_vespo.checkpoint.faults import fault_point
-from megatron_vespo.checkpoint.mcore_io import _LOAD_ERRORS, load_model_checkpoint, write_model_checkpoint
+from megatron_vespo.checkpoint.mcore_io import LOAD_ERRORS, load_model_checkpoint, write_model_checkpoint
 from megatron_vespo.checkpoint.safety import explain_disk_full, safe_torch_load
 from megatron_vespo.utils.io import atomic_path
 
@@ -201,9 +201,9 @@ def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = N
 
 # ----------------------------------------------------------------------------- optimizer
 def _optimizer_sharded_state(optimizer: Any, model: Any, is_loading: bool) -> dict:
-    from megatron_vespo.checkpoint.mcore_io import _strip_extra_state
+    from megatron_vespo.checkpoint.mcore_io import strip_extra_state
 
-    model_sd = _strip_extra_state(unwrap_model(model).sharded_state_dict())
+    model_sd = strip_extra_state(unwrap_model(model).sharded_state_dict())
     # fully_reshardable: the distributed optimizer's state is stored per parameter (model space),
     # so it reloads under another DP/TP/EP layout, like the model.
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
@@ -375,7 +375,7 @@ def load_trainer_checkpoint(load_dir: str | os.PathLike, *, model: Any, optimize
         sharded = _optimizer_sharded_state(optimizer, model, is_loading=True)
         try:
             loaded = dist_checkpointing.load(sharded, str(ckpt / "optimizer"))
-        except _LOAD_ERRORS as exc:  # every rank sees the planner error (it is gathered), so all raise
+        except LOAD_ERRORS as exc:  # every rank sees the planner error (it is gathered), so all raise
             raise ValueError(
                 f"{ckpt / 'optimizer'}: the optimizer state does not fit this optimizer ({type(exc).__name__}). "
                 f"It was saved under layout {_saved_layout(ckpt)}; Megatron's optimizer state is keyed by its "

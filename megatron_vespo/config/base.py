@@ -44,10 +44,14 @@ class Section(BaseModel):
     would only surface as NaN log-probs later, ``loss.params.c1_pos=.nan`` would silently zero a
     loss term. Typed float fields are refused by pydantic (``allow_inf_nan=False``), free-form
     dicts and lists (``loss.params``, ``rollout.server_args``) by the check below.
+
+    Every field carries a one-line docstring under its declaration (``use_attribute_docstrings``,
+    as Megatron's ``TransformerConfig`` documents its fields); ``megatron-vespo config --explain``
+    prints them and ``tests/config/test_config_docs.py`` fails on a field without one.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
-                              allow_inf_nan=False)
+                              allow_inf_nan=False, use_attribute_docstrings=True)
 
     @model_validator(mode="after")
     def _finite_everywhere(self) -> "Section":
@@ -153,6 +157,37 @@ def load_config(cls: type[M], path: str | os.PathLike | None = None, overrides: 
     data = apply_overrides(data, overrides or [])
     source = str(path) if path is not None else "overrides"
     return validate(cls, data, source)
+
+
+def _type_name(annotation: Any) -> str:
+    """``int``, ``Optional[Literal['a', 'b']]`` ...: the annotation as a reader writes it."""
+    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The Section class a field holds (itself or inside Optional[...]), else None."""
+    cands = [annotation, *getattr(annotation, "__args__", ())]
+    return next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def explain_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, doc) of every leaf field below ``cls``, nested sections expanded."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        dotted = f"{prefix}{name}"
+        sub = _section_of(field.annotation)
+        if sub is not None:
+            rows.extend(explain_fields(sub, dotted + "."))
+            continue
+        if field.default_factory is not None:
+            default = repr(field.default_factory())
+        else:
+            default = repr(field.default)
+        doc = " ".join((field.description or "").split())
+        rows.append((dotted, _type_name(field.annotation), default, doc))
+    return rows
 
 
 def dump_config(cfg: BaseModel) -> str:

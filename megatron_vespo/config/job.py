@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from megatron_vespo.checkpoint.config import CheckpointConfig
@@ -13,28 +16,72 @@ from megatron_vespo.losses.config import LossConfig
 from megatron_vespo.models.config import ModelConfig
 from megatron_vespo.observability.config import LoggingConfig
 from megatron_vespo.orchestration.config import LoopConfig
+from megatron_vespo.parallel.config import ParallelConfig
 from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.routing.config import RoutingReplayConfig
-from megatron_vespo.train.config import ParallelConfig, TrainConfig
+from megatron_vespo.train.config import TrainConfig
 from megatron_vespo.weight_sync.config import WeightSyncConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _move_deprecated_keys(data: Any) -> Any:
+    """``loop.weight_sync`` (deprecated) -> ``weight_sync.kind``; both set and different is an error."""
+    if not isinstance(data, dict):
+        return data
+    loop = data.get("loop")
+    if isinstance(loop, LoopConfig):
+        loop = loop.model_dump(exclude_unset=True) | ({"weight_sync": loop.weight_sync} if loop.weight_sync else {})
+    if not isinstance(loop, dict) or loop.get("weight_sync") not in ("disk", "distributed", "tensor"):
+        return data  # unset, or a bad value: LoopConfig's validation names loop.weight_sync
+    data, loop = dict(data), dict(loop)
+    old = loop.pop("weight_sync")
+    sync = data.get("weight_sync")
+    sync = sync.model_dump(exclude_unset=True) if isinstance(sync, WeightSyncConfig) else dict(sync or {})
+    if not isinstance(sync, dict):
+        return data  # not a mapping: the section's own validation names it
+    if "kind" in sync and sync["kind"] != old:
+        raise ValueError(f"loop.weight_sync={old} and weight_sync.kind={sync['kind']} disagree: loop.weight_sync is "
+                         "the deprecated name of weight_sync.kind, set only weight_sync.kind")
+    logger.warning("loop.weight_sync is deprecated: write weight_sync.kind=%s instead", old)
+    data["loop"], data["weight_sync"] = loop, {**sync, "kind": old}
+    return data
 
 
 class JobConfig(Section):
     """One RL job; every YAML under ``examples/`` validates against this."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """Policy model."""
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    """Model-parallel layout."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """Optimisation and staleness."""
     loss: LossConfig = Field(default_factory=LossConfig)
+    """Policy loss."""
     routing: RoutingReplayConfig = Field(default_factory=RoutingReplayConfig)
+    """MoE routing replay."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """Rollout engines."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """Prompt data set."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Training checkpoints."""
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    """RL loop."""
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    """Weight sync to the engines."""
     fp8: FP8Config = Field(default_factory=FP8Config)
+    """FP8 training (Transformer Engine)."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Metrics logging."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_keys(cls, data: Any) -> Any:
+        return _move_deprecated_keys(data)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobConfig":

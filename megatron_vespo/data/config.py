@@ -10,25 +10,31 @@ from megatron_vespo.config.base import Section
 
 
 class DataConfig(Section):
-    """Prompts come from a JSONL file (``prompt_key``/``label_key``) or a built-in synthetic task.
+    """Prompts come from a JSONL file or a built-in synthetic task; ``reward`` scores each response.
 
-    ``reward`` names the function in ``rewards/`` that scores a response against the label;
-    ``num_labels`` is how many distinct labels the synthetic task draws from (1 makes it
-    unconditional: the easiest learning signal). JSONL rows are checked at load (``file:line``
-    in every error); prompts longer than ``max_prompt_len`` are cut with a warning counting them,
-    or refused with ``on_long_prompt: error``.
+    JSONL rows are checked at load (``file:line`` in every error).
     """
 
     source: Literal["jsonl", "synthetic"] = "synthetic"
+    """jsonl: prompts from path; synthetic: a built-in task."""
     path: Optional[str] = None
+    """JSONL prompt file (required with source=jsonl)."""
     prompt_key: str = "prompt"
+    """JSONL field holding the prompt (text or token ids)."""
     label_key: str = "label"
+    """JSONL field holding the label the reward compares against."""
     num_prompts: int = Field(64, ge=1)
+    """Prompts of the synthetic task."""
     max_prompt_len: int = Field(64, ge=1)
+    """Longer prompts are cut (with a warning) or refused, see on_long_prompt."""
     on_long_prompt: Literal["truncate", "error"] = "truncate"
+    """truncate: cut and count them; error: refuse the file."""
     seed: int = 0
+    """Seed of the synthetic task and the prompt order."""
     num_labels: int = Field(4, ge=1, le=64)
+    """Distinct labels of the synthetic task (1 = unconditional, the easiest signal)."""
     reward: str = "token_class"
+    """Reward function in rewards/ scoring a response against its label."""
 
     @field_validator("reward")
     @classmethod

@@ -13,31 +13,36 @@ AggMode = Literal[AGG_MODES]  # the aggregation module's list, one source of tru
 
 
 class RolloutISConfig(Section):
-    """Train/inference mismatch correction weights (TIS / MIS) from rollout vs training log-probs.
-
-    ``level``: token or sequence; ``mode``: ``truncate`` clamps weights at ``threshold``
-    (TIS), ``mask`` drops tokens/sequences whose weight leaves [``lower``, ``threshold``] (MIS).
-    """
+    """Train/inference mismatch correction weights (TIS / MIS) from rollout vs training log-probs."""
 
     enabled: bool = False
+    """Apply rollout importance-sampling weights (pi_old / mu_rollout)."""
     level: Literal["token", "sequence"] = "token"
+    """Weights per token or per sequence."""
     mode: Literal["truncate", "mask"] = "truncate"
+    """truncate: clamp weights at threshold (TIS); mask: drop tokens/sequences whose weight leaves [lower, threshold]
+    (MIS)."""
     threshold: float = Field(2.0, gt=0)
+    """Upper bound of the weights."""
     lower: Optional[float] = Field(None, ge=0)
+    """Lower bound of the mask mode (default: 1 / threshold)."""
 
 
 class LossConfig(Section):
     """Which registered policy loss to use and its parameters.
 
-    ``params`` are passed to the loss as keyword arguments (e.g. VESPO's ``c1_pos``);
-    unknown names, non-numeric values and a ``loss_agg_mode`` the loss cannot use are
+    Unknown ``params`` names, non-numeric values and a ``loss_agg_mode`` the loss cannot use are
     rejected when the config is validated (and again when the loss is called).
     """
 
     name: str = "vespo"
+    """Registered policy loss (losses.available_losses())."""
     params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the loss (e.g. VESPO's c1_pos); unknown names are rejected."""
     loss_agg_mode: Optional[AggMode] = None
+    """Token aggregation (default: the loss's own); one the loss cannot use is rejected."""
     rollout_is: RolloutISConfig = Field(default_factory=RolloutISConfig)
+    """Train/inference mismatch correction weights (TIS / MIS)."""
 
     @field_validator("name")
     @classmethod

@@ -86,15 +86,22 @@ def vespo_loss(
     log_w, log_ratio, seq_tis = sequence_log_weight(x, length_norm_power)
     w = torch.exp(log_w)
     seq_adv = x.seq_advantages()
-    pos = seq_adv >= 0
-    dtype, dev = w.dtype, w.device
-    c1 = torch.where(pos, torch.tensor(c1_pos, dtype=dtype, device=dev), torch.tensor(c1_neg, dtype=dtype, device=dev))
-    c2 = torch.where(pos, torch.tensor(c2_pos, dtype=dtype, device=dev), torch.tensor(c2_neg, dtype=dtype, device=dev))
+    c1, c2 = sign_coefficients(seq_adv, w, (c1_pos, c2_pos), (c1_neg, c2_neg))
     phi = gamma_kernel(w, c1, c2)
     # One [B] coefficient per row: the token loss is a single broadcast multiply.
     coef = (phi * seq_adv).unsqueeze(-1)
     loss = agg_loss(-coef * x.log_prob, x.valid, x.loss_agg_mode, x.global_denominator)
     return loss, _vespo_metrics(x, log_w, w, phi, seq_adv, log_ratio, seq_tis)
+
+
+def sign_coefficients(seq_adv: torch.Tensor, like: torch.Tensor, pos: tuple[float, float],
+                      neg: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row kernel shape ``(c1 [B], c2 [B])`` in ``like``'s dtype: ``pos`` where the sequence advantage
+    is >= 0, else ``neg``."""
+    dtype, dev = like.dtype, like.device
+    nonneg = seq_adv >= 0
+    return tuple(torch.where(nonneg, torch.tensor(p, dtype=dtype, device=dev), torch.tensor(n, dtype=dtype, device=dev))
+                 for p, n in zip(pos, neg))
 
 
 def _vespo_metrics(x: PolicyLossInput, log_w: torch.Tensor, w: torch.Tensor, phi: torch.Tensor,

@@ -39,7 +39,7 @@ from megatron_vespo.losses.aggregation import agg_loss
 from megatron_vespo.losses.inputs import PolicyLossInput
 from megatron_vespo.losses.metrics import masked_mean
 from megatron_vespo.losses.registry import register_loss
-from megatron_vespo.losses.vespo import C2_FLOOR, W_FLOOR, _vespo_metrics, sequence_log_weight
+from megatron_vespo.losses.vespo import C2_FLOOR, W_FLOOR, _vespo_metrics, sequence_log_weight, sign_coefficients
 
 BISECTION_STEPS = 40  # interval [min_scale, 1] shrinks to 1e-12: exact to double precision for a [B] vector
 
@@ -96,10 +96,7 @@ def vespo_adaptive_loss(
     log_w, log_ratio, seq_tis = sequence_log_weight(x)
     w = torch.exp(log_w)
     seq_adv = x.seq_advantages()
-    pos = seq_adv >= 0
-    dtype, dev = w.dtype, w.device
-    c1 = torch.where(pos, torch.tensor(c1_pos, dtype=dtype, device=dev), torch.tensor(c1_neg, dtype=dtype, device=dev))
-    c2 = torch.where(pos, torch.tensor(c2_pos, dtype=dtype, device=dev), torch.tensor(c2_neg, dtype=dtype, device=dev))
+    c1, c2 = sign_coefficients(seq_adv, w, (c1_pos, c2_pos), (c1_neg, c2_neg))
     with torch.no_grad():
         log_phi = log_kernel(w, c1, c2)
         rows = x.nonempty

@@ -12,30 +12,33 @@ from megatron_vespo.config.base import Section
 class ModelConfig(Section):
     """Which Qwen3-MoE model to build.
 
-    Either ``preset`` (a named architecture, e.g. ``qwen3-30b-a3b`` or ``tiny``) or
-    ``hf_path`` (a Hugging Face checkpoint directory with ``config.json``) must be set.
-    ``hf_overrides`` patch fields of the Hugging Face config (e.g. ``num_hidden_layers``).
-    ``transformer_overrides`` are extra Megatron ``TransformerConfig`` fields, Megatron names
-    (e.g. ``moe_aux_loss_coeff: 1e-3``); Megatron validates them.
-
-    Activation recomputation (``TransformerConfig`` fields of megatron-core 0.16.1, same names and
-    rules, ``transformer/transformer_config.py`` ``__post_init__``): ``recompute_granularity``
-    ``full`` (recompute whole layers in backward: keep only each layer's input) needs
-    ``recompute_method`` (``uniform``: every ``recompute_num_layers`` layers form one recomputed
-    chunk; ``block``: the first ``recompute_num_layers`` layers of each pipeline stage are
-    recomputed) and ``recompute_num_layers``; ``selective`` recomputes only core attention and
-    takes neither. Full/uniform/1 is what slime's Qwen3-30B-A3B recipe uses on 8 x H100.
+    Either ``preset`` or ``hf_path`` must be set. The ``recompute_*`` fields are megatron-core
+    0.16.1 ``TransformerConfig`` fields with the same names and rules
+    (``transformer/transformer_config.py`` ``__post_init__``); full / uniform / 1 is what slime's
+    Qwen3-30B-A3B recipe uses on 8 x H100.
     """
 
     preset: Optional[str] = "tiny"
+    """Named architecture (e.g. qwen3-30b-a3b or tiny); this or hf_path must be set."""
     hf_path: Optional[str] = None
+    """Hugging Face checkpoint directory with config.json."""
     hf_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Fields of the Hugging Face config to patch (e.g. num_hidden_layers)."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the trainer's parameters."""
     seed: int = 1234
+    """Seed of the random initialisation (presets without weights)."""
     transformer_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Extra Megatron TransformerConfig fields, Megatron names (e.g. moe_aux_loss_coeff: 1e-3); Megatron validates
+    them."""
     recompute_granularity: Optional[Literal["full", "selective"]] = None
+    """Activation recomputation: full (recompute whole layers in backward, keeping only each layer's input; needs
+    recompute_method and recompute_num_layers) or selective (core attention only, takes neither)."""
     recompute_method: Optional[Literal["uniform", "block"]] = None
+    """full recompute: uniform (every recompute_num_layers layers form one chunk) or block (the first
+    recompute_num_layers of each stage)."""
     recompute_num_layers: Optional[int] = Field(None, ge=1)
+    """Layers per recomputed chunk (uniform) or recomputed layers per stage (block)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":

@@ -33,7 +33,7 @@ import torch
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.models.config import ModelConfig
 from megatron_vespo.models.presets import preset_kwargs
-from megatron_vespo.train.config import ParallelConfig
+from megatron_vespo.parallel.config import ParallelConfig
 from megatron_vespo.utils.imports import is_available, require
 
 logger = logging.getLogger(__name__)

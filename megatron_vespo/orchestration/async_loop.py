@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import partial
 from typing import Any, Optional
 
 from megatron_vespo.checkpoint.faults import fault_point
@@ -47,10 +48,10 @@ def async_bounds(job: JobConfig) -> tuple[int, int, int]:
     if buffer_groups < groups:
         raise ConfigError(f"loop.buffer_groups={buffer_groups} is smaller than one rollout batch ({groups} groups = "
                           "train.rollout_batch_size / rollout.n_samples_per_prompt): the trainer could never pull one")
-    if loop.pause_mode == "in_place" and job.rollout.engine == "sglang" and loop.weight_sync != "disk":
-        raise ConfigError(f"loop.pause_mode=in_place with loop.weight_sync={loop.weight_sync} on SGLang engines: the "
-                          "update flushes the KV cache, which SGLang refuses while requests are paused in place; "
-                          "use loop.pause_mode=abort or retract (or loop.weight_sync=disk)")
+    if loop.pause_mode == "in_place" and job.rollout.engine == "sglang" and job.weight_sync.kind != "disk":
+        raise ConfigError(f"loop.pause_mode=in_place with weight_sync.kind={job.weight_sync.kind} on SGLang engines: "
+                          "the update flushes the KV cache, which SGLang refuses while requests are paused in place; "
+                          "use loop.pause_mode=abort or retract (or weight_sync.kind=disk)")
     return groups, buffer_groups, loop.max_inflight_groups or groups
 
 
@@ -121,22 +122,18 @@ class _PausedDiskLoad:
 
 def update_engines(setup: Any, engines: Any, version: int, pause_mode: str) -> dict[str, float]:
     """Collective: put ``version`` into the engines with generation paused around the load (rank 0 pauses)."""
-    from megatron_vespo.orchestration.setup import broadcast_from_rank0, raise_if_interrupted
+    from megatron_vespo.orchestration.setup import rank0_then_broadcast
 
     model = setup.actor.model
-    if setup.job.loop.weight_sync == "disk":
+    if setup.job.weight_sync.kind == "disk":
         view = _PausedDiskLoad(engines, pause_mode) if engines is not None else None
         metrics = setup.sync.update(model, version, view)
         return {**metrics, "time/engines_paused_s": view.paused_s if view else 0.0}
     # broadcast / CUDA-IPC paths: the engines must not generate with half-updated weights
-    t0, error = time.perf_counter(), None
-    if engines is not None:
-        try:
-            engines.run(engines.router.pause_generation(pause_mode))
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank
-            raise_if_interrupted(exc)
-            error = f"pause_generation failed: {type(exc).__name__}: {exc}"
-    broadcast_from_rank0(None, None, error)
+    t0 = time.perf_counter()
+    rank0_then_broadcast(engines is not None,
+                         lambda: (None, None, engines.run(engines.router.pause_generation(pause_mode))),
+                         "pause_generation")
     try:
         metrics = setup.sync.update(model, version, engines)
     finally:
@@ -151,9 +148,8 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
         raise ValueError(f"run_async runs loop.mode=async, got loop.mode={job.loop.mode}")
     ray = require("ray", "loop.mode=async (the rollout worker is a Ray actor)")
     n_groups, buffer_groups, inflight = async_bounds(job)
-    from megatron_vespo.buffer import collate
     from megatron_vespo.orchestration.rollout_worker import spawn_worker
-    from megatron_vespo.orchestration.setup import broadcast_from_rank0, prepare_loop
+    from megatron_vespo.orchestration.setup import prepare_loop, rank0_then_broadcast, run_on_rank0
 
     s = prepare_loop(job)
     L, version, rank0 = job.loop.max_policy_lag, s.version, s.rank0
@@ -175,39 +171,22 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
         mlog = s.metrics_logger()
         for it in range(s.start + 1, job.loop.num_rollouts + 1):
             t0 = time.perf_counter()
-            batch, error, rm, before = None, None, {}, {}
-            if rank0:
-                try:
-                    groups, rm = pull_groups(ray, worker, n_groups, version)
-                    samples = [x for g in groups for x in g]
-                    rm.update({**lag_metrics(groups, version, L), **sample_metrics(samples)})
-                    batch = collate(samples)
-                    before = ray.get(worker.stats.remote())
-                except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                    error = f"{type(exc).__name__}: {exc}"
-                    logger.exception("rollout %d failed", it)
-            batch, _ = broadcast_from_rank0(batch, None, error, actor=s.actor)
+            batch, _, local = rank0_then_broadcast(rank0, partial(_pull, ray, worker, n_groups, version, L),
+                                                   f"rollout {it}", actor=s.actor)
+            rm, before = local if local is not None else ({}, {})
             t1 = time.perf_counter()
             updates = s.actor.train_on_rollout(batch)
             t2 = time.perf_counter()
             fault_point("trained", it)  # tests: kill -9 with the updates done, nothing synced or saved
             # rank-0-only Ray calls: a failure is broadcast, so no rank waits alone in a collective
-            late_error, data_state = None, {}
-            if rank0:
-                try:
-                    rm.update(overlap_metrics(before, ray.get(worker.stats.remote())))
-                except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                    late_error = f"{type(exc).__name__}: {exc}"
+            overlap, late_error = run_on_rank0(rank0, partial(_overlap, ray, worker, before),
+                                               f"rollout {it}: worker stats")
+            rm.update(overlap or {})
             version += 1
             sm = update_engines(s, engines, version, job.loop.pause_mode)
             sm.update(s.evaluator.maybe_evaluate(it, engines, s.actor.model))  # held-out, loop.eval_every
-            if rank0 and late_error is None:
-                try:
-                    ray.get(worker.set_version.remote(version))
-                    data_state = ray.get(worker.state_dict.remote())
-                except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                    late_error = f"{type(exc).__name__}: {exc}"
-            _, data_state = broadcast_from_rank0(None, data_state, late_error)
+            _, data_state, _ = rank0_then_broadcast(rank0, partial(_publish_version, ray, worker, version),
+                                                    f"rollout {it}: worker version", error=late_error)
             router_state = data_state.pop("router", None)  # saved beside the data position, as the sync loop does
             summary = s.log_iteration(mlog, it, version, updates, {**rm, **sm}, t2 - t1, time.perf_counter() - t0)
             history.append(summary)
@@ -223,6 +202,27 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             mlog.close()
         shutdown(ray, worker, engines, s.sync, ray_started)
     return history
+
+
+def _pull(ray: Any, worker: Any, n_groups: int, version: int, max_lag: int) -> tuple[Any, None, tuple]:
+    """Rank 0: the next rollout batch from the worker -> (batch, None, (metrics, worker stats before training))."""
+    from megatron_vespo.buffer import collate
+
+    groups, metrics = pull_groups(ray, worker, n_groups, version)
+    samples = [x for g in groups for x in g]
+    metrics.update({**lag_metrics(groups, version, max_lag), **sample_metrics(samples)})
+    return collate(samples), None, (metrics, ray.get(worker.stats.remote()))
+
+
+def _overlap(ray: Any, worker: Any, before: dict) -> dict[str, float]:
+    """Rank 0: the generation/training overlap since ``before`` (worker stats)."""
+    return overlap_metrics(before, ray.get(worker.stats.remote()))
+
+
+def _publish_version(ray: Any, worker: Any, version: int) -> tuple[None, dict, None]:
+    """Rank 0: tell the worker the trainer's new version -> (None, its data position, None)."""
+    ray.get(worker.set_version.remote(version))
+    return None, ray.get(worker.state_dict.remote()), None
 
 
 def shutdown(ray: Any, worker: Any, engines: Any, sync: Any, ray_started: bool) -> None:

@@ -17,29 +17,32 @@ class LoopConfig(Section):
     buffer); groups whose policy lag (trainer version - version that generated the sample's
     first token) exceeds ``max_policy_lag`` are dropped. See ``docs/orchestration.md``.
 
-    Async knobs (ignored in sync mode):
-
-    * ``pause_mode``: how the engines cross a weight update (SGLang's ``pause_generation``
-      modes). ``abort`` (default): in-flight requests are aborted and their prompts generated
-      again from scratch by the new weights, so every trained sample comes from one version.
-      ``in_place``: in-flight requests are frozen, then finish with the new weights (their KV
-      cache from the old ones is kept); the sample keeps the version of its first token.
-      ``retract``: as in_place, but SGLang frees their KV cache and re-prefills it.
-    * ``buffer_groups``: finished groups waiting for the trainer, at most (default
-      ``(max_policy_lag + 1) x`` groups per rollout batch); generation stops when full.
-    * ``max_inflight_groups``: groups being generated at once (default: groups per rollout batch).
-    * ``ray_address``: Ray cluster to join (default: ``$RAY_ADDRESS``, else a local Ray
-      started with ``ray_num_cpus`` CPUs and stopped at the end).
+    The async knobs (``pause_mode``, ``buffer_groups``, ``max_inflight_groups``, ``ray_*``) are
+    ignored in sync mode.
     """
 
     mode: Literal["sync", "async"] = "sync"
+    """sync: generate, train N updates, sync weights, repeat; async: rollout and training run concurrently
+    (docs/orchestration.md)."""
     num_rollouts: int = Field(1, ge=1)
+    """Rollout batches to generate and train on."""
     max_policy_lag: int = Field(1, ge=0)
-    weight_sync: Literal["disk", "tensor", "distributed"] = "disk"
+    """Async: groups whose policy lag (trainer version - version of the first token) exceeds this are dropped."""
+    weight_sync: Optional[Literal["disk", "tensor", "distributed"]] = Field(None, exclude=True)
+    """Deprecated alias of weight_sync.kind: moved there when the job config is validated (always None after)."""
     output_dir: str = "outputs/run"
+    """Run directory: metrics, exported weights, evaluation outputs."""
     pause_mode: Literal["abort", "in_place", "retract"] = "abort"
+    """Async: how engines cross a weight update (SGLang pause_generation): abort = regenerate in-flight prompts;
+    in_place = finish them with the new weights; retract = as in_place with the KV cache re-prefilled."""
     buffer_groups: Optional[int] = Field(None, ge=1)
+    """Async: finished groups waiting for the trainer, at most (default: (max_policy_lag + 1) x groups per rollout
+    batch)."""
     max_inflight_groups: Optional[int] = Field(None, ge=1)
+    """Async: groups being generated at once (default: groups per rollout batch)."""
     ray_address: Optional[str] = None
+    """Async: Ray cluster to join (default: $RAY_ADDRESS, else a local Ray stopped at the end)."""
     ray_num_cpus: int = Field(2, ge=1)
-    eval_every: int = Field(0, ge=0)  # held-out evaluation (eval.*) every this many rollouts and at the end; 0 = off
+    """Async: CPUs of the local Ray started when no cluster is given."""
+    eval_every: int = Field(0, ge=0)
+    """Held-out evaluation (eval.*) every this many rollouts and at the end; 0 = off."""

@@ -7,7 +7,7 @@ the weight export are), in this order:
 2. resume (``checkpoint.load`` or an existing ``checkpoint.save_dir``), else the HF base
    model when ``model.hf_path`` is set; ``start`` iteration and policy ``version``;
 3. the prompt data set at its saved position, the reward function, the weight sync of
-   ``loop.weight_sync``;
+   ``weight_sync.kind``;
 4. ``serve_path``: what the engines start from -- the HF base model itself on a fresh start
    from it, otherwise (random init, resume) an export of the trainer's current weights.
 
@@ -20,31 +20,55 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
 from megatron_vespo.config.base import ConfigError, dump_config
 from megatron_vespo.config.job import JobConfig
+from megatron_vespo.utils.interrupt import raise_if_interrupted
 from megatron_vespo.utils.io import atomic_path
 
+__all__ = ["LoopSetup", "broadcast_from_rank0", "load_tokenizer", "prepare_loop", "raise_if_interrupted",
+           "rank0_then_broadcast", "run_on_rank0"]
+
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def raise_if_interrupted(exc: BaseException) -> None:
-    """Re-raise Ctrl-C that a library turned into another error on its way out.
+def run_on_rank0(rank0: bool, fn: Callable[[], T], what: str) -> tuple[Optional[T], Optional[str]]:
+    """Rank 0: ``(fn(), None)``, or ``(None, error)`` when ``fn`` raised; other ranks: ``(None, None)``.
 
-    anyio (under httpx) answers a KeyboardInterrupt inside a cancel scope with a RuntimeError
-    whose ``__context__`` is the interrupt; a loop catching rollout errors would then report
-    "rollout failed" instead of stopping as interrupted.
+    The error (``"<what>: <Type>: <message>"``) is logged here with its traceback and meant for
+    :func:`broadcast_from_rank0`, which raises it on every rank, so no rank waits alone in a
+    collective. Ctrl-C is never turned into an error: it propagates, also when a library wrapped it
+    (:func:`raise_if_interrupted`).
     """
-    seen: set[int] = set()
-    cur: Optional[BaseException] = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, KeyboardInterrupt):
-            raise KeyboardInterrupt from exc
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
+    if not rank0:
+        return None, None
+    try:
+        return fn(), None
+    except Exception as exc:  # noqa: BLE001 - raised on every rank by the broadcast that follows
+        raise_if_interrupted(exc)
+        logger.exception("%s failed", what)
+        return None, f"{what}: {type(exc).__name__}: {exc}"
+
+
+def rank0_then_broadcast(rank0: bool, fn: Callable[[], tuple[Any, Optional[dict], Any]], what: str, *,
+                         actor: Any = None, error: Optional[str] = None) -> tuple[Any, dict, Any]:
+    """Collective: rank 0 runs ``fn() -> (batch, data_state, local)``; every rank gets the batch and data state.
+
+    When ``fn`` fails its error is raised on every rank (:func:`run_on_rank0`,
+    :func:`broadcast_from_rank0`); an ``error`` already recorded on rank 0 (an earlier
+    :func:`run_on_rank0`) skips ``fn`` and is broadcast instead. ``local`` (metrics, say) stays on
+    rank 0: None elsewhere. ``actor``: as in :func:`broadcast_from_rank0`.
+    """
+    out = None
+    if error is None:
+        out, error = run_on_rank0(rank0, fn, what)
+    batch, data_state, local = out if out is not None else (None, None, None)
+    batch, data_state = broadcast_from_rank0(batch, data_state, error, actor=actor)
+    return batch, data_state, local
 
 
 def broadcast_from_rank0(batch: Any, data_state: Optional[dict], error: Optional[str], *, actor: Any = None,
@@ -198,7 +222,7 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
     if state and state.get("data"):
         dataset.load_state_dict(state["data"])
     reward_fn = get_reward(job.data.reward)
-    sync = build_weight_sync(job.loop.weight_sync, root=out / "weights", hf_cfg=actor.hf_cfg, cfg=job.weight_sync,
+    sync = build_weight_sync(job.weight_sync.kind, root=out / "weights", hf_cfg=actor.hf_cfg, cfg=job.weight_sync,
                              source_dir=job.model.hf_path, engine_tp_size=job.rollout.tp_size,
                              engine_ep_size=_engine_ep_size(job.rollout.server_args))
     fresh_hf = state is None and job.checkpoint.load is None and job.model.hf_path is not None

@@ -4,7 +4,7 @@
         samples = collect_rollout(engines, prompts)        # rank 0: tokens, mu log-probs, routes, reward
         batch   = collate(samples)                         # buffer: group advantages, padding
         actor.train_on_rollout(batch)                      # all ranks: old log-probs once, N updates
-        weight_sync.update(actor, version + 1, engines)    # disk / broadcast / CUDA IPC (loop.weight_sync)
+        weight_sync.update(actor, version + 1, engines)    # disk / broadcast / CUDA IPC (weight_sync.kind)
         evaluate(engines) every loop.eval_every rollouts   # held-out avg@k / pass@k, best policy kept
         checkpointer.maybe_save(it, ...)
 
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
+from typing import Any
 
 from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.config.job import JobConfig
@@ -28,9 +30,7 @@ logger = logging.getLogger(__name__)
 
 def run_sync(job: JobConfig) -> list[dict[str, float]]:
     """Run ``job.loop.num_rollouts`` rollout/train/sync iterations; returns rank 0's per-rollout metrics."""
-    from megatron_vespo.buffer import collate
-    from megatron_vespo.orchestration.collect import collect_rollout
-    from megatron_vespo.orchestration.setup import broadcast_from_rank0, prepare_loop, raise_if_interrupted
+    from megatron_vespo.orchestration.setup import prepare_loop, rank0_then_broadcast
 
     if job.loop.mode != "sync":
         raise ValueError(f"run_sync runs loop.mode=sync, got loop.mode={job.loop.mode}")
@@ -42,19 +42,9 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
     try:
         for it in range(s.start + 1, job.loop.num_rollouts + 1):
             t0 = time.perf_counter()
-            batch, error, rmetrics = None, None, {}
-            if rank0:
-                try:
-                    samples, rmetrics = collect_rollout(engines.router, engines.run, dataset, job.rollout,
-                                                        job.train.rollout_batch_size, s.reward_fn)
-                    batch = collate(samples)
-                except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                    raise_if_interrupted(exc)
-                    error = f"{type(exc).__name__}: {exc}"
-                    logger.exception("rollout %d failed", it)
             # every rank keeps rank 0's data position (it is saved in checkpoints)
-            batch, data_state = broadcast_from_rank0(batch, dataset.state_dict() if rank0 else None, error,
-                                                    actor=actor)
+            batch, data_state, rmetrics = rank0_then_broadcast(
+                rank0, partial(_rollout, engines, dataset, job, s.reward_fn), f"rollout {it}", actor=actor)
             dataset.load_state_dict(data_state)
             t1 = time.perf_counter()
             updates = actor.train_on_rollout(batch)
@@ -63,7 +53,7 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
             version += 1
             smetrics = sync.update(actor.model, version, engines)
             smetrics.update(s.evaluator.maybe_evaluate(it, engines, actor.model))  # held-out, loop.eval_every
-            summary = s.log_iteration(mlog, it, version, updates, {**rmetrics, **smetrics}, t2 - t1,
+            summary = s.log_iteration(mlog, it, version, updates, {**(rmetrics or {}), **smetrics}, t2 - t1,
                                       time.perf_counter() - t0)
             history.append(summary)
             if rank0:
@@ -77,3 +67,13 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
         if engines is not None:
             engines.stop()
     return history
+
+
+def _rollout(engines: Any, dataset: Any, job: JobConfig, reward_fn: Any) -> tuple[Any, dict, dict]:
+    """Rank 0: one rollout batch -> (collated batch, data position after it, rollout metrics)."""
+    from megatron_vespo.buffer import collate
+    from megatron_vespo.orchestration.collect import collect_rollout
+
+    samples, metrics = collect_rollout(engines.router, engines.run, dataset, job.rollout,
+                                       job.train.rollout_batch_size, reward_fn)
+    return collate(samples), dataset.state_dict(), metrics

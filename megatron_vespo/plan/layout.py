@@ -170,8 +170,8 @@ def layout_problems(job: Any, hf_cfg: Any, world: World) -> list[str]:
         need(heads % rtp == 0, f"rollout.tp_size={rtp} does not divide num_attention_heads={heads}")
         need(_kv_heads_ok_for_engine(kv, rtp), f"rollout.tp_size={rtp} and num_key_value_heads={kv}: one must divide "
                                                "the other (SGLang shards or replicates KV heads)")
-        if job.loop.weight_sync == "tensor":
-            need(world.size % rtp == 0, f"loop.weight_sync=tensor puts one engine on every rollout.tp_size={rtp} "
+        if job.weight_sync.kind == "tensor":
+            need(world.size % rtp == 0, f"weight_sync.kind=tensor puts one engine on every rollout.tp_size={rtp} "
                                         f"training GPUs: world size {world.size} must be a multiple of it")
     mem = MemoryOptions.from_job(job)
     need(mem.recompute_granularity in (None, "full", "selective"),

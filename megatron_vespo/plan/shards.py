@@ -123,7 +123,7 @@ def fake_rank(parallel: Any, rank: int, world_size: int) -> Iterator[None]:
             create_gloo_process_groups=False)
         yield
     finally:
-        from megatron_vespo.train.parallel import destroy_parallel
+        from megatron_vespo.parallel.state import destroy_parallel
 
         destroy_parallel(destroy_process_group=True)
 

@@ -2,7 +2,7 @@
 
 The buckets are the ones ``checkpoint.export.iter_hf_weights`` produced on the meta shards with
 the job's ``weight_sync.bucket_mb`` and ``weight_sync.dtype`` (``plan.shards``), so their count
-and sizes are the real ones. Per path (``loop.weight_sync``, see docs/weight_sync.md):
+and sizes are the real ones. Per path (``weight_sync.kind``, see docs/weight_sync.md):
 
 * ``distributed`` (``weight_sync/distributed.py``): per bucket one POST
   ``/update_weights_from_distributed`` per engine and one broadcast per tensor over the
@@ -26,7 +26,7 @@ HTTP_LATENCY_S = 0.005
 
 def sync_plan(job: Any, build: Any, link_gbps: float, http_latency_s: float = HTTP_LATENCY_S) -> dict[str, Any]:
     """Plan of one weight sync for ``job`` from a :class:`megatron_vespo.plan.shards.BuildResult`."""
-    path = job.loop.weight_sync
+    path = job.weight_sync.kind
     engines = len(job.rollout.urls) or job.rollout.num_engines
     buckets = build.export_buckets
     n_buckets = len(buckets)

@@ -25,12 +25,19 @@ class SamplingConfig(Section):
     """
 
     temperature: float = Field(1.0, ge=0)
+    """Sampling temperature; 0 = greedy (SGLang turns it into top_k=1)."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold."""
     top_k: int = -1
+    """Top-k sampling; -1 = the whole vocabulary."""
     max_new_tokens: int = Field(64, ge=1)
+    """Response length cap, tokens."""
     stop_token_ids: list[int] = Field(default_factory=list)
+    """Extra token ids that end a response."""
     ignore_eos: bool = False
+    """Keep generating past EOS (up to max_new_tokens)."""
     sampling_seed: Optional[int] = None
+    """Base seed: the i-th request of a client gets sampling_seed + i (None = unseeded)."""
 
     @model_validator(mode="after")
     def _check_top_k(self) -> "SamplingConfig":
@@ -67,27 +74,47 @@ class RolloutConfig(Section):
     """
 
     engine: Literal["embedded", "sglang"] = "embedded"
+    """embedded: our CPU server speaking SGLang's protocol; sglang: launch python -m sglang.launch_server (GPU) or
+    attach to urls."""
     urls: list[str] = Field(default_factory=list)
+    """Attach to these already running engines instead of launching them."""
     num_engines: int = Field(1, ge=1)
+    """Engines to launch."""
     host: str = "127.0.0.1"
+    """Host the launched engines bind to."""
     base_port: int = Field(30000, ge=1024, le=65535)
+    """Port of the first launched engine (engine i uses base_port + i)."""
     n_samples_per_prompt: int = Field(4, ge=1)
+    """Responses per prompt (one group; advantages are computed within it)."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """Sampling parameters, SGLang names."""
     return_routed_experts: bool = False
+    """Ask the engine for the experts it routed each token to (needed by routing.mode=R3)."""
     request_timeout_s: float = Field(600.0, gt=0)
+    """Timeout of one engine request, seconds."""
     max_retries: int = Field(3, ge=0)
+    """Retries of a failed engine request."""
     retry_backoff_s: float = Field(0.5, gt=0)
+    """First back-off between retries, seconds (doubles each retry)."""
     max_concurrency: int = Field(64, ge=1)
+    """Requests in flight at once per client."""
     router_policy: Literal["round_robin", "least_outstanding"] = "least_outstanding"
-    # A retracted request is re-prefilled and SGLang may pair the old log-probs with the new
-    # routes (radixark/miles#3277): with R3 on such samples are flagged unless this is false.
+    """How requests are spread over engines."""
     flag_retracted: bool = True
+    """With R3, flag retracted (re-prefilled) samples whose routes may not match their log-probs (radixark/miles#3277).
+    With R3, flag retracted (re-prefilled) samples whose routes may not match their log-probs (radixark/miles#3277)."""
     tp_size: int = Field(1, ge=1)
+    """Tensor-parallel size of each engine."""
     launch_timeout_s: float = Field(900.0, gt=0)
+    """Wait for a launched engine to become healthy, seconds."""
     log_dir: Optional[str] = None
+    """Where launched SGLang engines write their logs (default: outputs/rollout_logs)."""
     server_args: dict[str, Any] = Field(default_factory=dict)
+    """Extra sglang.launch_server flags, underscores for dashes (mem_fraction_static: 0.8), passed through unchanged."""
     model_path: Optional[str] = None
+    """HF checkpoint the engine serves."""
     preset: Optional[str] = None
+    """Embedded engine: a models.presets name (e.g. tiny) built with random weights instead of model_path."""
 
     @model_validator(mode="after")
     def _check_server_args(self) -> "RolloutConfig":

@@ -4,8 +4,9 @@ Open ``actor`` first: :class:`~megatron_vespo.train.actor.MegatronActor` compute
 once (recording R2 routes), then runs N = rollout_batch / mini_batch updates with a loss from
 ``losses/``. Modules, in the order the actor uses them:
 
-* ``config``: ``ParallelConfig`` (Megatron's layout names) and ``TrainConfig`` (optimisation, N).
-* ``parallel``: process groups (``initialize_model_parallel``) and teardown.
+* ``config``: ``TrainConfig`` (optimisation, N); the layout (``ParallelConfig``, process groups)
+  lives in the low-level ``megatron_vespo.parallel`` package (``train.config`` / ``train.parallel``
+  re-export its names for older imports).
 * ``optim``: Megatron DDP, distributed optimizer and LR schedule.
 * ``batching``: ``TrainBatch`` -> mini-batches -> DP shards -> micro-batches.
 * ``forward``: micro-batches through Megatron's forward-backward schedule (PP aware).

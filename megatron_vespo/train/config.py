@@ -1,54 +1,19 @@
-"""Config of the Megatron actor: parallel layout and optimisation (owned by ``train/``).
+"""Config of the Megatron actor's optimisation (owned by ``train/``).
 
-Field names follow Megatron-Core (``tensor_model_parallel_size``, ``moe_*``) so they can be
-passed through to ``TransformerConfig`` / ``parallel_state`` unchanged.
+The parallel layout lives in ``megatron_vespo.parallel.config`` (a low-level package models/ and
+checkpoint/ use too); ``ParallelConfig`` is re-exported here for older imports.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from megatron_vespo.config.base import Section
+from megatron_vespo.parallel.config import ParallelConfig
 
-
-class ParallelConfig(Section):
-    """Model-parallel layout (Megatron-Core names). World size = TP * PP * CP * DP."""
-
-    tensor_model_parallel_size: int = Field(1, ge=1)
-    pipeline_model_parallel_size: int = Field(1, ge=1)
-    expert_model_parallel_size: int = Field(1, ge=1)
-    expert_tensor_parallel_size: Optional[int] = Field(None, ge=1)
-    context_parallel_size: int = Field(1, ge=1)
-    sequence_parallel: bool = False
-    moe_token_dispatcher_type: Literal["allgather", "alltoall", "flex"] = "alltoall"
-    use_distributed_optimizer: bool = True
-
-    def check_world_size(self, world_size: int) -> None:
-        """Raise ConfigError naming the fields when ``world_size`` ranks cannot hold this layout."""
-        from megatron_vespo.config.base import ConfigError
-
-        tp, pp, ep = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size
-        etp, cp = self.expert_tensor_parallel_size or tp, self.context_parallel_size
-        need = math.lcm(tp * pp * cp, etp * ep * pp)
-        if world_size == 1 and need > 1:  # the usual cause: the job was started as one process, not by torchrun
-            raise ConfigError(f"this parallel layout needs a multiple of {need} ranks and this is one process: "
-                              f"launch it with torchrun --nproc-per-node {need} -m megatron_vespo.cli ...")
-        if world_size % (tp * pp * cp):
-            raise ConfigError(f"world size {world_size} is not a multiple of parallel.tensor_model_parallel_size * "
-                              f"pipeline_model_parallel_size * context_parallel_size = {tp * pp * cp}")
-        if world_size % (etp * ep * pp):
-            raise ConfigError(f"world size {world_size} is not a multiple of parallel.expert_tensor_parallel_size * "
-                              f"expert_model_parallel_size * pipeline_model_parallel_size = {etp * ep * pp} "
-                              "(set parallel.expert_tensor_parallel_size=1 to combine TP and EP)")
-
-    @model_validator(mode="after")
-    def _sp_with_tp(self) -> "ParallelConfig":
-        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
-        return self
+__all__ = ["ParallelConfig", "TrainConfig"]
 
 
 class TrainConfig(Section):
@@ -60,28 +25,47 @@ class TrainConfig(Section):
     """
 
     rollout_batch_size: int = Field(8, ge=1)
+    """Samples per rollout batch (a multiple of rollout.n_samples_per_prompt)."""
     mini_batch_size: int = Field(8, ge=1)
+    """Samples per optimizer update; N = rollout_batch_size / mini_batch_size is the staleness."""
     micro_batch_size: int = Field(1, ge=1)
+    """Samples per forward/backward pass within a mini-batch."""
     lr: float = Field(1e-6, gt=0)
+    """Peak learning rate."""
     min_lr: float = Field(0.0, ge=0)
+    """Learning rate at the end of the decay."""
     lr_warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up updates."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up."""
     weight_decay: float = Field(0.0, ge=0)
+    """Adam weight decay."""
     adam_beta1: float = 0.9
+    """Adam beta1."""
     adam_beta2: float = 0.999
+    """Adam beta2."""
     adam_eps: float = 1e-8
+    """Adam epsilon."""
     clip_grad: float = Field(1.0, ge=0)
+    """Gradient-norm clip; 0 = off."""
     old_log_prob_source: Literal["recompute", "rollout"] = "recompute"
+    """recompute: pi_old from a trainer forward before the updates; rollout: use the engine's log-probs."""
     train_iters: int = Field(1, ge=1)
+    """Rollout steps the LR schedule spans (x N updates each)."""
     seed: int = 1234
+    """Trainer seed (Megatron model-parallel RNG, data order)."""
     # memory (megatron-core 0.16.1 OptimizerConfig fields, optimizer/optimizer_config.py):
     # CPU Adam keeps fp32 main weights and Adam moments of `optimizer_offload_fraction` of the
     # parameters in host memory and steps them there (HybridDeviceOptimizer); the precision-aware
     # optimizer lets the Adam kernel own main weights / moments. slime's Qwen3-30B-A3B recipe on
     # 8 x H100 turns on both.
     optimizer_cpu_offload: bool = False
-    optimizer_offload_fraction: float = Field(1.0, ge=0.0, le=1.0)  # Megatron-LM's CLI default (the dataclass has 0)
+    """Keep fp32 main weights and Adam moments in host memory and step them there (megatron-core 0.16.1
+    HybridDeviceOptimizer)."""
+    optimizer_offload_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    """Fraction of the parameters CPU Adam offloads (Megatron-LM's CLI default 1.0; the dataclass has 0)."""
     use_precision_aware_optimizer: bool = False
+    """Let the Adam kernel own main weights / moments (megatron-core OptimizerConfig)."""
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":

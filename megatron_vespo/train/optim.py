@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from megatron_vespo.train.config import ParallelConfig, TrainConfig
+from megatron_vespo.parallel.config import ParallelConfig
+from megatron_vespo.train.config import TrainConfig
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Weight sync from the Megatron trainer to the rollout engines (HF names, bucketed export).
 
-``build_weight_sync(loop.weight_sync, ...)`` picks the path: ``disk`` (``DiskWeightSync``),
+``build_weight_sync(weight_sync.kind, ...)`` picks the path: ``disk`` (``DiskWeightSync``),
 ``distributed`` (``DistributedWeightSync``: broadcast over a process group with the engines) or
 ``tensor`` (``TensorWeightSync``: colocated engines, CUDA IPC). See docs/weight_sync.md.
 """

@@ -1,4 +1,4 @@
-"""``loop.weight_sync`` -> the object the RL loop calls after each training step.
+"""``weight_sync.kind`` -> the object the RL loop calls after each training step.
 
 Every kind has the same three calls, all collective over the training ranks (``engines`` is the
 loop's ``RolloutEngines`` on rank 0 and None elsewhere):
@@ -84,7 +84,7 @@ class TensorEngineSync(EngineWeightSync):
 def build_weight_sync(kind: str, *, root: str | Path, hf_cfg: Any, cfg: Optional[WeightSyncConfig] = None,
                       source_dir: Optional[str] = None, engine_tp_size: int = 1,
                       engine_ep_size: int = 1) -> EngineWeightSync:
-    """The weight sync of ``loop.weight_sync=kind``; ValueError names the choices.
+    """The weight sync of ``weight_sync.kind``; ValueError names the choices.
 
     ``engine_tp_size`` / ``engine_ep_size``: the rollout engines' layout (checked against
     ``weight_sync.fp8_block_size`` when ``weight_sync.dtype=fp8``)."""
@@ -100,4 +100,4 @@ def build_weight_sync(kind: str, *, root: str | Path, hf_cfg: Any, cfg: Optional
         return DistributedEngineSync(root, hf_cfg, cfg, source_dir)
     if kind == "tensor":
         return TensorEngineSync(root, hf_cfg, cfg, source_dir, engine_tp_size=engine_tp_size)
-    raise ValueError(f"loop.weight_sync must be one of {KINDS}, got {kind!r}")
+    raise ValueError(f"weight_sync.kind must be one of {KINDS}, got {kind!r}")

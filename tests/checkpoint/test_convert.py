@@ -64,7 +64,7 @@ def test_cli_round_trip_is_bit_exact_and_loads_in_transformers(tiny):
 
 
 def test_bf16_export_and_weight_buckets(tiny):
-    from megatron_vespo.checkpoint.convert import _setup, _teardown, parallel_config
+    from megatron_vespo.checkpoint.convert import conversion_model, parallel_config
     from megatron_vespo.checkpoint.export import iter_hf_weights
     from megatron_vespo.checkpoint.mapping import Qwen3MoeDims, expected_hf_names
     from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint, save_hf_checkpoint
@@ -72,16 +72,13 @@ def test_bf16_export_and_weight_buckets(tiny):
     root, hf = tiny
     cfg = json.loads((hf / "config.json").read_text())
     dims = Qwen3MoeDims.from_hf_config(cfg)
-    model, created = _setup(str(root / "mc" / "hf"), parallel_config(), torch.float32)
-    try:
+    with conversion_model(str(root / "mc" / "hf"), parallel_config(), torch.float32) as model:
         load_model_checkpoint(model, root / "mc")
         buckets = list(iter_hf_weights(model, cfg, bucket_bytes=100_000))  # HF config dict accepted
         names = [n for b in buckets for n, _ in b]
         assert len(buckets) > 3 and len(names) == len(set(names)) and set(names) == expected_hf_names(dims)
         assert all(sum(t.numel() * 4 for _, t in b) <= 100_000 for b in buckets)
         save_hf_checkpoint(model, cfg, root / "hf_bf16", source_dir=str(hf), dtype="bfloat16")
-    finally:
-        _teardown(created)
     original, back = _read_hf(hf), _read_hf(root / "hf_bf16")
     assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], original[k].bfloat16()) for k in original)
     assert json.loads((root / "hf_bf16" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -39,7 +39,7 @@ def _log_probs(model, vocab):
 
 
 def _worker(rank, world, hf_dir, root):
-    from megatron_vespo.checkpoint.convert import _setup, _teardown, hf_to_mcore, mcore_to_hf, parallel_config
+    from megatron_vespo.checkpoint.convert import conversion_model, hf_to_mcore, mcore_to_hf, parallel_config
     from megatron_vespo.checkpoint.export import export_hf_state_dict
     from megatron_vespo.checkpoint.mapping import Qwen3MoeDims
     from megatron_vespo.checkpoint.mcore_io import HF_SUBDIR, load_model_checkpoint
@@ -53,13 +53,12 @@ def _worker(rank, world, hf_dir, root):
     # save under EP2 (above), load under EP2 and TP2: log-probs of both
     lps = {}
     for name, layout in (("ep2", dict(ep=2)), ("tp2", dict(tp=2))):
-        model, created = _setup(f"{root}/mc_ep2/{HF_SUBDIR}", parallel_config(**layout), torch.float32)
-        load_model_checkpoint(model, f"{root}/mc_ep2")
-        lps[name] = _log_probs(model, 256)
-        if name == "tp2":
-            cfg = json.loads(open(f"{hf_dir}/config.json").read())
-            exported = export_hf_state_dict(model, Qwen3MoeDims.from_hf_config(cfg))
-        _teardown(created)
+        with conversion_model(f"{root}/mc_ep2/{HF_SUBDIR}", parallel_config(**layout), torch.float32) as model:
+            load_model_checkpoint(model, f"{root}/mc_ep2")
+            lps[name] = _log_probs(model, 256)
+            if name == "tp2":
+                cfg = json.loads(open(f"{hf_dir}/config.json").read())
+                exported = export_hf_state_dict(model, Qwen3MoeDims.from_hf_config(cfg))
     return reports, lps, (exported if rank == 0 else None)
 
 
@@ -81,15 +80,12 @@ def test_round_trip_parity_and_relayout_on_two_ranks(tmp_path):
         assert reports[name]["max_abs_logit_diff"] < 1e-5, reports[name]
         assert reports[name]["back_diff"] < 1e-5, reports[name]
     # EP2-saved checkpoint: TP2 and 1-process loads give the same log-probs as EP2
-    from megatron_vespo.checkpoint.convert import _setup, _teardown, parallel_config
+    from megatron_vespo.checkpoint.convert import conversion_model, parallel_config
     from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint
 
-    model, created = _setup(str(tmp_path / "mc_ep2" / "hf"), parallel_config(), torch.float32)
-    try:
+    with conversion_model(str(tmp_path / "mc_ep2" / "hf"), parallel_config(), torch.float32) as model:
         load_model_checkpoint(model, tmp_path / "mc_ep2")
         one = _log_probs(model, 256)
-    finally:
-        _teardown(created)
     diffs = {"tp2": (lps["tp2"] - lps["ep2"]).abs().max().item(), "1proc": (one - lps["ep2"]).abs().max().item()}
     print("log-prob diffs vs EP2:", diffs, "reports:", reports)
     assert diffs["tp2"] < 1e-5 and diffs["1proc"] < 1e-5, diffs

@@ -18,16 +18,15 @@ pytest.importorskip("transformers")
 
 
 def _worker(rank, world, hf_dir):
-    from megatron_vespo.checkpoint.convert import _setup, _teardown, parallel_config
+    from megatron_vespo.checkpoint.convert import conversion_model, parallel_config
     from megatron_vespo.checkpoint.export import export_hf_state_dict, load_hf_weights
     from megatron_vespo.checkpoint.hf_io import HFCheckpointReader
     from megatron_vespo.checkpoint.mapping import Qwen3MoeDims
 
-    model, created = _setup(hf_dir, parallel_config(pp=2, ep=2), torch.float32)
-    dims = Qwen3MoeDims.from_hf_config(json.loads(open(f"{hf_dir}/config.json").read()))
-    load_hf_weights(model, HFCheckpointReader(hf_dir), dims)
-    out = export_hf_state_dict(model, dims)
-    _teardown(created)
+    with conversion_model(hf_dir, parallel_config(pp=2, ep=2), torch.float32) as model:
+        dims = Qwen3MoeDims.from_hf_config(json.loads(open(f"{hf_dir}/config.json").read()))
+        load_hf_weights(model, HFCheckpointReader(hf_dir), dims)
+        out = export_hf_state_dict(model, dims)
     return out if rank in (0, 3) else None
 
 

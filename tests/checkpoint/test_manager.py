@@ -18,7 +18,7 @@ def test_checkpointer_loads_hf_saves_exports_and_resumes(tmp_path):
     pytest.importorskip("megatron.core")
     import json
 
-    from megatron_vespo.checkpoint.convert import _setup, _teardown, parallel_config
+    from megatron_vespo.checkpoint.convert import conversion_model, parallel_config
     from megatron_vespo.checkpoint.export import export_hf_state_dict
     from megatron_vespo.checkpoint.hf_io import HFCheckpointReader
     from megatron_vespo.checkpoint.manager import Checkpointer, classify_checkpoint
@@ -28,8 +28,7 @@ def test_checkpointer_loads_hf_saves_exports_and_resumes(tmp_path):
     cfg = json.loads((hf / "config.json").read_text())
     dims = Qwen3MoeDims.from_hf_config(cfg)
     reader = HFCheckpointReader(hf)
-    model, created = _setup(str(hf), parallel_config(), torch.float32)
-    try:
+    with conversion_model(str(hf), parallel_config(), torch.float32) as model:
         save_dir = tmp_path / "run"
         ckpt = Checkpointer(CheckpointConfig(load=str(hf), save_dir=str(save_dir), save_interval=2,
                                              hf_export_interval=4, keep_last=1), cfg, source_dir=str(hf))
@@ -52,5 +51,3 @@ def test_checkpointer_loads_hf_saves_exports_and_resumes(tmp_path):
         assert all(torch.equal(exported[k], reader.get(k)) for k in reader.keys())
         with pytest.raises(ValueError, match="neither a training checkpoint"):
             classify_checkpoint(tmp_path)
-    finally:
-        _teardown(created)

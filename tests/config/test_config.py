@@ -156,3 +156,22 @@ def test_rollout_old_log_probs_with_rollout_is_weights_is_refused():
         JobConfig.model_validate({"train": {"old_log_prob_source": "rollout"},
                                   "loss": {"rollout_is": {"enabled": True}}})
     JobConfig.model_validate({"train": {"old_log_prob_source": "recompute"}, "loss": {"rollout_is": {"enabled": True}}})
+
+
+def test_weight_sync_kind_and_deprecated_loop_alias(tmp_path, caplog):
+    assert load_config(JobConfig, None, ["weight_sync.kind=distributed"]).weight_sync.kind == "distributed"
+    # the old key still works, from --set and from YAML, and lands in weight_sync.kind
+    with caplog.at_level("WARNING"):
+        cfg = load_config(JobConfig, None, ["loop.weight_sync=tensor", "weight_sync.bucket_mb=64"])
+    assert cfg.weight_sync.kind == "tensor" and cfg.weight_sync.bucket_mb == 64
+    assert cfg.loop.weight_sync is None and "deprecated" in caplog.text
+    p = tmp_path / "old.yaml"
+    p.write_text("loop:\n  weight_sync: distributed\n  num_rollouts: 3\n")
+    cfg = load_config(JobConfig, p)
+    assert (cfg.weight_sync.kind, cfg.loop.num_rollouts) == ("distributed", 3)
+    assert "weight_sync" not in dump_config(cfg).split("loop:")[1].split("weight_sync:")[0]  # not dumped under loop
+    assert load_config(JobConfig, None, ["loop.weight_sync=disk", "weight_sync.kind=disk"]).weight_sync.kind == "disk"
+    with pytest.raises(ConfigError, match="loop.weight_sync=tensor and weight_sync.kind=distributed disagree"):
+        load_config(JobConfig, None, ["loop.weight_sync=tensor", "weight_sync.kind=distributed"])
+    with pytest.raises(ConfigError, match="loop.weight_sync"):
+        load_config(JobConfig, None, ["loop.weight_sync=ipc"])

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 
 def test_fp8_trainer_and_fp8_engine_run_the_loop(tmp_path):
     out = tmp_path / "run"
-    sets = ["loop.num_rollouts=3", f"loop.output_dir={out}", "loop.weight_sync=distributed",
+    sets = ["loop.num_rollouts=3", f"loop.output_dir={out}", "weight_sync.kind=distributed",
             "weight_sync.dtype=fp8", "weight_sync.fp8_block_size=[16,16]", "fp8.fp8=e4m3",
             "fp8.fp8_recipe=blockwise", "fp8.emulate=true", "routing.mode=R2", "rollout.return_routed_experts=true"]
     cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", str(TINY), *[a for s in sets for a in ("--set", s)]]

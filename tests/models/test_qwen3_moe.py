@@ -112,7 +112,7 @@ def test_megatron_logits_match_hf_transformers(preset):
     from transformers import Qwen3MoeForCausalLM
 
     from megatron_vespo.models.qwen3_moe import build_gpt_model
-    from megatron_vespo.train.parallel import destroy_parallel, init_parallel
+    from megatron_vespo.parallel.state import parallel_session
 
     hf_cfg = get_hf_config(ModelConfig(preset=preset, hf_overrides={"norm_topk_prob": preset == "tiny"}))
     torch.manual_seed(0)
@@ -120,8 +120,7 @@ def test_megatron_logits_match_hf_transformers(preset):
     with torch.no_grad():  # HF inits routers to zero: randomise so routing is non-trivial
         for n, prm in hf_model.named_parameters():
             prm.normal_(1.0 if "norm" in n else 0.0, 0.1 if "norm" in n else 0.05)
-    init_parallel(ParallelConfig())
-    try:
+    with parallel_session(ParallelConfig()):
         model = build_gpt_model(hf_cfg, ParallelConfig())
         missing = model.load_state_dict(_hf_to_megatron_state(hf_model, hf_cfg), strict=False)
         assert not [k for k in missing.missing_keys if "_extra_state" not in k] and not missing.unexpected_keys
@@ -134,8 +133,6 @@ def test_megatron_logits_match_hf_transformers(preset):
         assert ours.shape == ref.shape == (2, 12, hf_cfg.vocab_size)
         err = (ours - ref).abs().max().item()
         assert err < 2e-5, f"max |logit diff| {err}"
-    finally:
-        destroy_parallel(destroy_process_group=True)
 
 
 @pytest.mark.parametrize("path", ["/no/such/ckpt", "./missing", "missing_dir", "a/b/c"])

@@ -101,7 +101,7 @@ def test_async_bounds_defaults_and_errors():
     with pytest.raises(ConfigError, match="loop.buffer_groups"):
         async_bounds(job)
     job.loop.buffer_groups = None
-    job.loop.pause_mode, job.loop.weight_sync, job.rollout.engine = "in_place", "distributed", "sglang"
+    job.loop.pause_mode, job.weight_sync.kind, job.rollout.engine = "in_place", "distributed", "sglang"
     with pytest.raises(ConfigError, match="pause_mode"):
         async_bounds(job)
 

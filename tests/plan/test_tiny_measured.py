@@ -25,12 +25,11 @@ TINY = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_cpu_
 @pytest.fixture
 def gloo():
     """A 1-process gloo group + parallel_state, torn down after the test."""
-    from megatron_vespo.train.config import ParallelConfig
-    from megatron_vespo.train.parallel import destroy_parallel, init_parallel
+    from megatron_vespo.parallel.config import ParallelConfig
+    from megatron_vespo.parallel.state import parallel_session
 
-    init_parallel(ParallelConfig())
-    yield
-    destroy_parallel(destroy_process_group=True)
+    with parallel_session(ParallelConfig()):
+        yield
 
 
 def _measured_optimizer_bytes(optimizer) -> tuple[int, int]:
@@ -114,7 +113,7 @@ def test_planned_weight_sync_buckets_equal_the_real_export(gloo):
     from megatron_vespo.checkpoint.export import iter_hf_weights
     from megatron_vespo.models.qwen3_moe import build_model_from_config, get_hf_config
 
-    job = load_config(JobConfig, TINY, ["weight_sync.bucket_mb=0.05", "loop.weight_sync=distributed"])
+    job = load_config(JobConfig, TINY, ["weight_sync.bucket_mb=0.05", "weight_sync.kind=distributed"])
     plan = run_plan(job, source=TINY.name)
     model = build_model_from_config(job.model, job.parallel)
     real = [(len(bk), sum(t.numel() * t.element_size() for _, t in bk))

@@ -72,14 +72,9 @@ def _actor(model_kw=None, train_kw=None, routing="R3"):
 
 
 @pytest.fixture
-def megatron_process_group():
-    pytest.importorskip("megatron.core")
+def megatron_process_group(parallel_teardown):
     if torch.cuda.is_available():
         pytest.skip("CPU test")
-    yield
-    from megatron_vespo.train.parallel import destroy_parallel
-
-    destroy_parallel(destroy_process_group=True)
 
 
 def test_full_recompute_reaches_megatron_and_trains_the_same(megatron_process_group):

@@ -24,3 +24,28 @@ def test_single_process_init_leaves_environment_alone():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_parallel_session_tears_down_what_it_created():
+    code = textwrap.dedent("""
+        import torch
+        from megatron.core import parallel_state
+        from megatron_vespo.parallel.config import ParallelConfig
+        from megatron_vespo.parallel.state import init_parallel, parallel_session
+        try:
+            with parallel_session(ParallelConfig()) as info:
+                assert info.world_size == 1 and parallel_state.model_parallel_is_initialized()
+                raise KeyError("boom")
+        except KeyError:
+            pass
+        # torn down on an exception too, process group included (this block created it)
+        assert not parallel_state.model_parallel_is_initialized() and not torch.distributed.is_initialized()
+        init_parallel(ParallelConfig())  # a group the caller owns...
+        with parallel_session(ParallelConfig()):
+            pass
+        # ...outlives the block; only the Megatron groups are gone
+        assert torch.distributed.is_initialized() and not parallel_state.model_parallel_is_initialized()
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,17 +13,10 @@ import pytest
 import torch
 
 pytest.importorskip("megatron.core")
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU test")
+pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="CPU test"),
+              pytest.mark.usefixtures("parallel_teardown_module")]
 
 from actor_cases import make_actor, make_batch  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_process_group():
-    yield
-    from megatron_vespo.train.parallel import destroy_parallel
-
-    destroy_parallel(destroy_process_group=True)
 
 
 def _flagless_checkpoint(function, distribute_saved_activations, *args):

@@ -142,7 +142,7 @@ def test_config_and_factory():
 
     assert WeightSyncConfig(bucket_mb=0.5).bucket_bytes == 2**19
     job = load_config(JobConfig, "examples/configs/tiny_cpu_vespo.yaml",
-                      ["loop.weight_sync=distributed", "weight_sync.bucket_mb=64", "weight_sync.backend=gloo"])
+                      ["weight_sync.kind=distributed", "weight_sync.bucket_mb=64", "weight_sync.backend=gloo"])
     assert job.weight_sync.bucket_bytes == 64 * 2**20
     with pytest.raises(ValueError, match="weight_sync.backend"):
         load_config(JobConfig, "examples/configs/tiny_cpu_vespo.yaml", ["weight_sync.backend=mpi"])
@@ -150,5 +150,5 @@ def test_config_and_factory():
           "num_experts": 2, "vocab_size": 16, "moe_intermediate_size": 8, "intermediate_size": 8}
     assert type(build_weight_sync("disk", root="/tmp/x", hf_cfg=hf)) is EngineWeightSync
     assert isinstance(build_weight_sync("distributed", root="/tmp/x", hf_cfg=hf), DistributedEngineSync)
-    with pytest.raises(ValueError, match="loop.weight_sync must be one of"):
+    with pytest.raises(ValueError, match="weight_sync.kind must be one of"):
         build_weight_sync("nfs", root="/tmp/x", hf_cfg=hf)

@@ -1,9 +1,9 @@
-"""The RL loop with ``loop.weight_sync=distributed`` vs ``disk``: `megatron-vespo train`, tiny CPU config, 2 rollouts.
+"""The RL loop with ``weight_sync.kind=distributed`` vs ``disk``: `megatron-vespo train`, tiny CPU config, 2 rollouts.
 
 Both paths put the same bits into the engine, so the two runs (same seeds) must produce the same
 rewards and losses, number for number. With the broadcast path the engine starts from the
 initial export (``weights/v000000``) and no later version directory is written. The runs are
-started together (each is mostly process start-up on CPU). ``loop.weight_sync=tensor`` passes
+started together (each is mostly process start-up on CPU). ``weight_sync.kind=tensor`` passes
 the same comparison (checked by hand; left out to keep the suite short): the in-process suite
 in ``test_distributed.py`` covers its bits.
 """
@@ -30,7 +30,7 @@ def test_distributed_weight_sync_run_matches_disk_run(tmp_path):
     for kind in KINDS:
         cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", str(TINY), "--set",
                f"loop.output_dir={tmp_path / kind}", "--set", "loop.num_rollouts=2", "--set",
-               f"loop.weight_sync={kind}", "--set", "weight_sync.bucket_mb=0.25"]
+               f"weight_sync.kind={kind}", "--set", "weight_sync.bucket_mb=0.25"]
         log = open(tmp_path / f"{kind}.log", "w")  # a file, not a pipe: nobody reads while they run
         procs[kind] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
                                         env=env), log)
