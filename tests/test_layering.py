@@ -35,13 +35,13 @@ ALLOWED: dict[str, set[str]] = {
     "buffer": {"routing", "types", "utils"},
     "observability": {"config", "utils"},
     "data": {"config", "rewards", "types", "utils"},
-    "fp8": {"config", "parallel", "types", "utils"},
+    "fp8": {"config", "models", "parallel", "types", "utils"},  # the FP8 format; models.dims for layout rules
     "models": {"config", "parallel", "types", "utils"},
     "checkpoint": {"compat", "config", "fp8", "models", "parallel", "types", "utils"},
     "train": {"compat", "config", "fp8", "losses", "models", "parallel", "routing", "types", "utils"},
-    "rollout": {"config", "models", "types", "utils"},
+    "rollout": {"config", "fp8", "models", "types", "utils"},  # fp8: the engine serves block-FP8 exports
     # weight sync drives the engines through the rollout client, so it sits above rollout
-    "weight_sync": {"checkpoint", "config", "models", "parallel", "rollout", "types", "utils"},
+    "weight_sync": {"checkpoint", "config", "fp8", "models", "parallel", "rollout", "types", "utils"},
     "evaluation": {"checkpoint", "config", "data", "models", "rewards", "rollout", "types", "utils"},
     "plan": {"checkpoint", "compat", "config", "fp8", "models", "parallel", "types", "utils"},
     "evidence": {"buffer", "losses", "models", "rewards", "types", "utils"},

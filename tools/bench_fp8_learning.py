@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "configs" / "tiny_cpu_vespo.yaml"
 FP8 = ["fp8.fp8=e4m3", "fp8.fp8_recipe=blockwise", "fp8.emulate=true", "weight_sync.dtype=fp8",
-       "weight_sync.fp8_block_size=[16,16]", "loop.weight_sync=distributed"]
+       "weight_sync.fp8_block_size=[16,16]", "weight_sync.kind=distributed"]
 SETTINGS = {"hp/R2": ["routing.mode=R2"], "fp8/off": [*FP8, "routing.mode=disabled"],
             "fp8/R2": [*FP8, "routing.mode=R2"]}
 

@@ -29,6 +29,7 @@ from megatron_vespo.checkpoint.mapping import (
     tp_shard,
     tp_unshard,
 )
+from megatron_vespo.models.dims import as_dims  # noqa: F401  (re-exported: callers import it from here)
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,6 @@ def local_params(model: Any, dims: Any, layout: Optional[ShardLayout] = None) ->
         out.append(LocalParam(name, param, rule, layout.etp_rank if expert else layout.tp_rank,
                               layout.etp_size if expert else layout.tp_size))
     return out
-
-
-def as_dims(cfg: Any) -> Qwen3MoeDims:
-    """``Qwen3MoeDims`` from dims, an HF config dict or a ``PretrainedConfig`` (what callers have at hand)."""
-    return cfg if isinstance(cfg, Qwen3MoeDims) else Qwen3MoeDims.from_hf_config(cfg)
 
 
 def _all_gather_object(obj: Any, group: Any = None) -> list:

@@ -198,7 +198,7 @@ def block_layout_problems(dims: Any, block: Sequence[int] = DEFAULT_BLOCK, tp_si
     input partition of a row-parallel linear at TP > 1 a multiple of block_k; experts are split
     over moe-TP = tp / ep. ``dims`` is ``Qwen3MoeDims`` or an HF config.
     """
-    from megatron_vespo.checkpoint.export import as_dims
+    from megatron_vespo.models.dims import as_dims
 
     d = as_dims(dims)
     bn, bk = _block(block)

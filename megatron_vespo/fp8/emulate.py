@@ -6,7 +6,7 @@ actor call :func:`emulate_fp8` on its local-spec (non-TE) model: every ``ColumnP
 ``RowParallelLinear`` GEMM except the output layer (attention qkv/proj, dense MLP, each expert's
 fc1/fc2) then computes ``y = Q_x(x) @ Q_w(W)^T`` and its backward with ``Q_g(dy)``; the router,
 embedding, output layer, norms and attention softmax stay in high precision, as in Megatron + TE.
-The engine side (:func:`emulate_weights_`) rounds an HF model's linear weights in place.
+The engine side (``rollout/embedded/fp8_weights.emulate_weights_``) rounds an HF model's linear weights in place.
 
 Recipes, as TE defines them (``transformer_engine/common/recipe/__init__.py``, TE 2.x:
 ``Float8CurrentScaling``, ``Float8BlockScaling``, ``MXFP8BlockScaling``):
@@ -215,30 +215,6 @@ def emulate_fp8(model: Any, cfg: Any, block: int = 128) -> int:
     logger.info("FP8 emulated on CPU: %s (%s gradients, %s scales) in %d linear layers", recipe.name,
                 recipe.grad_format or "unquantised", "power-of-two" if recipe.power2 else "FP32", count)
     return count
-
-
-@torch.no_grad()
-def emulate_weights_(model: torch.nn.Module, recipe: str = "blockwise", block: tuple[int, int] = (128, 128),
-                     power2: bool = False) -> int:
-    """Round an HF model's linear weights (``fp8.blockwise.is_quantized_linear`` names) to FP8 in place.
-
-    For the embedded engine: ``blockwise`` with FP32 scales is what an FP8 SGLang engine serving a
-    block-FP8 checkpoint multiplies with; ``tensorwise`` / ``mxfp8`` follow the table above.
-    Returns the number of tensors rounded.
-    """
-    from megatron_vespo.fp8.blockwise import is_quantized_linear
-    from megatron_vespo.rollout.embedded.weight_update import hf_param_views
-
-    if recipe not in EMULATED_RECIPES:
-        raise ValueError(f"FP8 weight emulation recipe must be one of {list(EMULATED_RECIPES)}, got {recipe!r}")
-    blk = None if recipe == "tensorwise" else ((1, 32) if recipe == "mxfp8" else tuple(block))
-    n = 0
-    for name, view in hf_param_views(model).items():
-        if is_quantized_linear(name):
-            view.copy_(fake_quant(view, "e4m3", blk, power2 or recipe == "mxfp8"))
-            n += 1
-    return n
-
 
 
 _DENSE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -31,7 +31,6 @@ import torch
 
 from megatron_vespo.fp8.blockwise import (
     SCALE_SUFFIX,
-    check_block_layout,
     dequantize_named_tensors,
     is_quantized_linear,
 )
@@ -74,42 +73,6 @@ def is_fp8_checkpoint(model_path: str | os.PathLike) -> bool:
     """True when ``model_path``'s config.json declares block FP8."""
     path = Path(model_path) / "config.json"
     return path.is_file() and checkpoint_fp8_block(json.loads(path.read_text()), str(path)) is not None
-
-
-def load_fp8_hf_model(model_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any:
-    """A transformers model built from a block-FP8 HF directory, weights dequantised to ``dtype``.
-
-    Checks the block layout at TP 1 (what SGLang checks at start-up) and that every linear
-    weight is FP8 with its scale. The model remembers its block size (``served_fp8_block``).
-    """
-    from megatron_vespo.checkpoint.hf_io import HFCheckpointReader
-    from megatron_vespo.checkpoint.mapping import Qwen3MoeDims, expected_hf_names
-    from megatron_vespo.rollout.embedded.weight_update import load_named_tensors
-    from megatron_vespo.utils.imports import require
-
-    transformers = require("transformers", "the embedded rollout engine")
-    path = Path(model_path)
-    source = str(path / "config.json")
-    cfg = json.loads((path / "config.json").read_text())
-    block = checkpoint_fp8_block(cfg, source)
-    if block is None:
-        raise ValueError(f"{source}: not a block-FP8 checkpoint (no quantization_config)")
-    check_block_layout(cfg, block, tp_size=1, field=f"{source} quantization_config.weight_block_size={list(block)}")
-    hf_cfg = transformers.AutoConfig.from_pretrained(str(path))
-    if hasattr(hf_cfg, "quantization_config"):
-        del hf_cfg.quantization_config  # build a plain model: weights are dequantised below
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(dtype)
-    reader = HFCheckpointReader(path)
-    named = [(n, reader.get(n)) for n in reader.keys()]
-    named = check_fp8_update(block, named, source=str(path), dtype=dtype)
-    expected = expected_hf_names(Qwen3MoeDims.from_hf_config(cfg, source))
-    missing = sorted(expected - {n for n, _ in named})
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
-    load_named_tensors(model, named)
-    setattr(model, FP8_BLOCK_ATTR, block)
-    logger.info("loaded block-FP8 checkpoint %s (block %s), dequantised to %s", path, list(block), dtype)
-    return model.eval()
 
 
 def check_fp8_update(block: Optional[tuple[int, int]], named: Sequence[tuple[str, torch.Tensor]], *,

@@ -10,7 +10,8 @@ import torch
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.fp8 import FP8Config
 from megatron_vespo.fp8.blockwise import dequantize_blockwise, quantize_blockwise
-from megatron_vespo.fp8.emulate import EmulatedRecipe, _wrap, emulate_weights_, fake_quant, recipe_for
+from megatron_vespo.fp8.emulate import EmulatedRecipe, _wrap, fake_quant, recipe_for
+from megatron_vespo.rollout.embedded.fp8_weights import emulate_weights_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 

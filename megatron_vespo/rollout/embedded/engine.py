@@ -112,9 +112,9 @@ class EmbeddedEngine:
 
     def _round_fp8(self) -> None:
         """``fp8_weights`` (tensorwise | blockwise | mxfp8): FP8-round the linear weights, as an FP8
-        engine quantising BF16 weights would (``fp8.emulate.emulate_weights_``)."""
+        engine quantising BF16 weights would (``fp8_weights.emulate_weights_``)."""
         if self.fp8_weights:
-            from megatron_vespo.fp8.emulate import emulate_weights_
+            from megatron_vespo.rollout.embedded.fp8_weights import emulate_weights_
 
             emulate_weights_(self.model, self.fp8_weights)
 

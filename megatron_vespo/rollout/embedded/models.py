@@ -75,7 +75,8 @@ def load_hf_model(model_path: str | os.PathLike, dtype: str | torch.dtype = "flo
     path = Path(model_path)
     if not (path / "config.json").is_file():
         raise ValueError(f"model_path {path} is not an HF checkpoint directory (no config.json)")
-    from megatron_vespo.fp8.serving import is_fp8_checkpoint, load_fp8_hf_model
+    from megatron_vespo.fp8.serving import is_fp8_checkpoint
+    from megatron_vespo.rollout.embedded.fp8_weights import load_fp8_hf_model
 
     if is_fp8_checkpoint(path):  # block-FP8 export (weight_sync.dtype=fp8): dequantised, SGLang's layout rules
         return load_fp8_hf_model(path, resolve_dtype(dtype))
