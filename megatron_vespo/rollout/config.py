@@ -78,6 +78,15 @@ class RolloutConfig(Section):
     max_retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(0.5, gt=0)
     max_concurrency: int = Field(64, ge=1)
+    # One /generate per engine per rollout batch (GenerateReqInput batch: input_ids list, one
+    # sampling_params dict per row), the n samples of a prompt kept together on one engine.
+    # false: one request per sample -- for SGLang's router (it routes per request) or a server
+    # that does not take batch bodies.
+    batch_requests: bool = True
+    # Embedded engine only: requests per forward batch, and how long the first queued request
+    # waits for more to join its batch (a batch body starts at once).
+    max_batch_size: int = Field(64, ge=1)
+    batch_wait_ms: float = Field(20.0, ge=0)
     router_policy: Literal["round_robin", "least_outstanding"] = "least_outstanding"
     # A retracted request is re-prefilled and SGLang may pair the old log-probs with the new
     # routes (radixark/miles#3277): with R3 on such samples are flagged unless this is false.

@@ -93,10 +93,16 @@ def load_tokenizer(model_path: Optional[str | os.PathLike]) -> Any:
 def reload_weights_in_place(model: torch.nn.Module, model_path: str | os.PathLike) -> int:
     """Copy the weights of the HF checkpoint ``model_path`` into ``model``; returns tensors copied.
 
-    Loading goes through ``from_pretrained`` so transformers' checkpoint conversions (per-expert
-    tensors -> fused ``gate_up_proj``) apply; the copy is in place so hooks and references to the
-    model stay valid. Raises ValueError naming the file when names or shapes differ.
+    Fast path: when the safetensors names cover the served model exactly (per-expert names of a
+    fused ``gate_up_proj`` / ``down_proj`` included), the files are read and copied straight into
+    the parameters (``weight_update.load_named_tensors``), no model is built. Otherwise loading
+    goes through ``from_pretrained`` so transformers' other checkpoint conversions apply. Either
+    way the copy is in place, so hooks and references to the model stay valid. Raises ValueError
+    naming the file when names or shapes differ.
     """
+    n = _reload_from_safetensors(model, model_path)
+    if n is not None:
+        return n
     dtype = next(model.parameters()).dtype
     hf_logging = require("transformers", "reloading HF weights").utils.logging
     bar = hf_logging.is_progress_bar_enabled()
@@ -118,3 +124,31 @@ def reload_weights_in_place(model: torch.nn.Module, model_path: str | os.PathLik
     for k, t in dst.items():
         t.copy_(src[k])
     return len(dst)
+
+
+def _reload_from_safetensors(model: torch.nn.Module, model_path: str | os.PathLike) -> Optional[int]:
+    """Copy ``model_path``'s safetensors into ``model`` when their names cover it exactly, else None."""
+    from megatron_vespo.rollout.embedded.weight_update import _FUSED, hf_param_views, load_named_tensors
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors.torch import load_file
+
+    named = [kv for f in files for kv in load_file(str(f)).items()]
+    names = {n for n, _ in named}
+    views = hf_param_views(model)
+    if not names <= set(views):
+        return None
+    for key, t in model.state_dict().items():
+        if key in names:
+            continue
+        m = _FUSED.fullmatch(key)
+        kinds = ("gate_proj", "up_proj") if m is not None and m["kind"] == "gate_up_proj" else ("down_proj",)
+        if m is None or t.dim() != 3 or not all(f"{m['prefix']}.{e}.{k}.weight" in names
+                                                 for e in range(t.shape[0]) for k in kinds):
+            return None  # not covered name by name (tied / renamed weights): from_pretrained path
+    try:
+        return load_named_tensors(model, named, views)
+    except ValueError as exc:
+        raise ValueError(f"{model_path}: {exc}") from None
