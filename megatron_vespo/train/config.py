@@ -72,6 +72,11 @@ class TrainConfig(Section):
     adam_eps: float = 1e-8
     clip_grad: float = Field(1.0, ge=0)
     old_log_prob_source: Literal["recompute", "rollout"] = "recompute"
+    # recompute: update 1 runs on the weights the old log-probs are computed with, so its rows
+    # take them from update 1's own forward (ratio 1 there, as verl on-policy) instead of a
+    # separate forward; the other mini-batches still get a forward before update 1. Not with
+    # routing R2 or loss.rollout_is (they need every old log-prob before update 1).
+    fuse_old_log_prob: bool = True
     train_iters: int = Field(1, ge=1)
     seed: int = 1234
 
