@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable
 
 from megatron_vespo.types import Sample
@@ -73,6 +74,9 @@ def math_reward(sample: Sample, label: Any) -> float:
     if text is None:
         raise ValueError("math reward needs the response text: sample.metadata['response_text'] or the "
                          "engine's 'text' (serve a model with a tokenizer)")
-    gold = mv.parse(str(label) if str(label).startswith("$") else f"${label}$")
-    pred = mv.parse(text)
-    return float(bool(pred) and mv.verify(gold, pred))
+    # math-verify's timeouts use signal.alarm, which only the main thread may set: off the main
+    # thread (the async loop's rollout worker, a Ray actor thread) it raises, so run without them
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = mv.parse(str(label) if str(label).startswith("$") else f"${label}$", parsing_timeout=limit)
+    pred = mv.parse(text, parsing_timeout=limit)
+    return float(bool(pred) and mv.verify(gold, pred, timeout_seconds=limit))
