@@ -125,8 +125,9 @@ def _ours(system: str, task_dir: Path, steps: int, warmup: int, out: Path, seed:
                                    + r.get("weight_sync/load_s", 0.0)) for r in summ],
            # per-update rows carry the old-log-prob time (same value on each update of a rollout)
            "old_log_prob_s": [next((u.get("time/old_log_prob_s", 0.0) for u in rows
-                                    if "update" in u and u["step"] < r["step"]
-                                    and u["step"] > r["step"] - 1 - _staleness(system)), 0.0) for r in summ]}
+                                    if "update" in u and "rollout" not in u
+                                    and r["step"] - _staleness(system) < u["step"] <= r["step"]), 0.0)
+                              for r in summ]}
     if system == "ours_async":
         res["wait_s"] = [r.get("time/wait_s", 0.0) for r in summ]
     else:
