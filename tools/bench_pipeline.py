@@ -207,6 +207,52 @@ def transport_share(task_dir: Path, reps: int, seed: int) -> dict:
     return {"direct_s": direct, "http_s": http, "share": max(h - d, 0.0) / h}
 
 
+# ------------------------------------------------------------------ CPU compat layer cost
+def compat_worker(task_dir: Path, reps: int, out: Path) -> None:
+    """One Megatron update of 64 rows, alternately with the patch-8 mode entered for the whole step
+    (the pre-issue-15 global ``TorchFunctionMode``) and scoped to the calls that need it (now)."""
+    import torch
+
+    import megatron_vespo.compat.cpu as compat
+    from megatron_vespo.losses.config import LossConfig
+    from megatron_vespo.models.config import ModelConfig
+    from megatron_vespo.train.actor import MegatronActor
+    from megatron_vespo.train.config import ParallelConfig, TrainConfig
+    from megatron_vespo.train.synthetic import synthetic_batch
+
+    torch.set_num_threads(1)
+    actor = MegatronActor(ModelConfig(hf_path=str(task_dir / "sft")), ParallelConfig(),
+                          TrainConfig(rollout_batch_size=COMPLETIONS, mini_batch_size=COMPLETIONS,
+                                      micro_batch_size=COMPLETIONS, lr=3e-4), LossConfig(name="vespo"))
+    hf = actor.hf_cfg
+    batch = synthetic_batch(COMPLETIONS, 14, hf.vocab_size, seed=1, num_moe_layers=hf.num_hidden_layers,
+                            topk=hf.num_experts_per_tok, num_experts=hf.num_experts)
+    times: dict[str, list[float]] = {"global": [], "scoped": []}
+    for k in range(reps + 2):
+        for mode in ("global", "scoped") if k % 2 else ("scoped", "global"):
+            if mode == "global":
+                compat._MODE.__enter__()
+            t0 = time.perf_counter()
+            actor.train_on_rollout(batch)
+            dt = time.perf_counter() - t0
+            if mode == "global":
+                compat._MODE.__exit__(None, None, None)
+            if k >= 2:
+                times[mode].append(dt)
+    out.write_text(json.dumps(times))
+
+
+def compat_cost(task_dir: Path, reps: int, out: Path) -> dict:
+    """Run :func:`compat_worker` in a child process; median step times and the saving."""
+    res = out / "compat.json"
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--compat-worker", "--task-dir", str(task_dir),
+                    "--steps", str(reps), "--worker-out", str(res)], check=True, env=_env(),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    times = json.loads(res.read_text())
+    g, sc = statistics.median(times["global"]), statistics.median(times["scoped"])
+    return {**times, "global_ms": 1000 * g, "scoped_ms": 1000 * sc, "saving": 1 - sc / g}
+
+
 # ------------------------------------------------------------------ orchestration
 def ensure_task(task_dir: Path) -> None:
     """Prepare the addition task (model, tokenizer, SFT, prompts) when missing."""
@@ -268,12 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {','.join(SYSTEMS)}")
     p.add_argument("--transport-reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--compat-reps", type=int, default=10, help="update pairs for the compat-layer cost (0: skip)")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compat-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     task_dir = Path(args.task_dir).resolve()
     if args.trl_worker:
         trl_worker(task_dir, args.steps, args.warmup, Path(args.worker_out), args.seed)
+        return 0
+    if args.compat_worker:
+        compat_worker(task_dir, args.steps, Path(args.worker_out))
         return 0
     systems = [s for s in args.systems.split(",") if s]
     bad = [s for s in systems if s not in SYSTEMS]
@@ -312,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       / sum(_sum(r["iteration_s"]) for r in runs))
     if transport:
         report["transport_share"] = statistics.median(t["share"] for t in transport)
+    if args.compat_reps:
+        report["compat"] = compat_cost(task_dir, args.compat_reps, out)
     (out / "results.json").write_text(json.dumps(report, indent=1))
     print(format_table(table, report))
     return 0
@@ -351,6 +404,10 @@ def format_table(table: dict, report: dict) -> str:
     if "weight_sync_share" in table.get("ours_sync_n1", {}):
         share = table["ours_sync_n1"]["weight_sync_share"]
         extra.append(f"weight sync share of a sync N=1 iteration: {100 * share:.1f}%")
+    if "compat" in report:
+        c = report["compat"]
+        extra.append(f"Megatron update of 64 rows: {c['global_ms']:.0f} ms with the global compat mode, "
+                     f"{c['scoped_ms']:.0f} ms scoped ({100 * c['saving']:.1f}% saved)")
     return "\n".join(lines + [""] + extra)
 
 
