@@ -32,7 +32,8 @@ and a no-op when CUDA is available. Every patch names the megatron-core 0.16.1
    326-336,499``) -> a ``TorchFunctionMode`` that, for calls made from ``megatron.*`` code
    only, maps CUDA device arguments to CPU, makes ``Tensor.cuda()`` a no-op and reports CUDA
    type strings. It is entered only around the functions that need it: every function and
-   method of ``megatron.core.optimizer``, distributed checkpoint save/load, and the embedding
+   method of ``megatron.core.optimizer`` but the per-step ones that allocate nothing on
+   "cuda" (``_HOT_METHODS``), distributed checkpoint save/load, and the embedding
    set-up (``models/common/language_module/language_module.py:244``). A mode left on for the
    whole process would tax every torch call of the forward and backward (a Python callback
    per op: ~5% of a CPU RL loop's time in issue 15's profile).
@@ -345,6 +346,17 @@ def device_mode_active() -> bool:
     return bool(getattr(_SCOPE, "depth", 0))
 
 
+# Optimizer methods that run every step and allocate nothing on "cuda" themselves (the clip_grads
+# functions they call are scoped on their own): left unwrapped, so the torch optimizer's many
+# per-parameter ops (Adam's foreach kernels) do not each pay the mode's Python callback.
+_HOT_METHODS = frozenset({
+    "step", "step_with_ready_grads", "prepare_grads", "zero_grad", "get_loss_scale", "scale_loss",
+    "clip_grad_norm", "get_grad_norm", "count_zeros", "get_parameters", "get_main_grads_for_grad_norm",
+    "_copy_model_grads_to_main_grads", "_copy_main_params_to_model_params", "_unscale_main_grads_and_check_for_nan",
+    "get_grad_stats_parallel_group", "param_groups",
+})
+
+
 def _scope_module(mod: Any) -> dict[int, Callable]:
     """Wrap the functions and the methods of the classes *defined in* ``mod``; returns {id(old): new}."""
     swapped: dict[int, Callable] = {}
@@ -359,7 +371,8 @@ def _scope_module(mod: Any) -> dict[int, Callable]:
             for attr, member in list(vars(obj).items()):
                 if isinstance(member, (staticmethod, classmethod)):
                     setattr(obj, attr, type(member)(_in_device_mode(member.__func__)))
-                elif inspect.isfunction(member) and (not attr.startswith("__") or attr == "__init__"):
+                elif (inspect.isfunction(member) and attr not in _HOT_METHODS
+                      and (not attr.startswith("__") or attr == "__init__")):
                     setattr(obj, attr, _in_device_mode(member))
     return swapped
 

@@ -24,9 +24,11 @@ def test_no_torch_function_mode_outside_the_optimizer_and_checkpoint_calls():
 
     for fn in (clip_grads.get_grad_norm_fp32, clip_grads.clip_grad_by_total_norm_fp32,
                optimizer.get_grad_norm_fp32,  # imported by name into optimizer.py: rebound too
-               optimizer.MegatronOptimizer.step_with_ready_grads, optimizer.FP32Optimizer.__init__,
+               optimizer.FP32Optimizer.__init__, optimizer.MegatronOptimizer.load_state_dict,
                serialization.save, serialization.load):
         assert getattr(fn, "_megatron_vespo_device_mode", False), fn
+    # the per-step path stays outside the mode, so the torch optimizer's per-parameter ops pay nothing
+    assert not getattr(optimizer.MegatronOptimizer.step_with_ready_grads, "_megatron_vespo_device_mode", False)
 
 
 def test_scoped_calls_see_cpu_for_cuda_and_hot_paths_get_cpu_factories():
