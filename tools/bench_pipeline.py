@@ -231,12 +231,12 @@ def compat_worker(task_dir: Path, reps: int, out: Path) -> None:
     for k in range(reps + 2):
         for mode in ("global", "scoped") if k % 2 else ("scoped", "global"):
             if mode == "global":
-                compat._MODE.__enter__()
+                compat.device_mode().__enter__()
             t0 = time.perf_counter()
             actor.train_on_rollout(batch)
             dt = time.perf_counter() - t0
             if mode == "global":
-                compat._MODE.__exit__(None, None, None)
+                compat.device_mode().__exit__(None, None, None)
             if k >= 2:
                 times[mode].append(dt)
     out.write_text(json.dumps(times))

@@ -37,33 +37,36 @@ and a no-op when CUDA is available. Every patch names the megatron-core 0.16.1
    set-up (``models/common/language_module/language_module.py:244``). A mode left on for the
    whole process would tax every torch call of the forward and backward (a Python callback
    per op: ~5% of a CPU RL loop's time in issue 15's profile).
+9. ``torch.cuda.synchronize()`` after batched p2p ops (``pipeline_parallel/
+   p2p_communication.py:398``, pipeline parallelism) -> a no-op: CPU ops are synchronous.
 10. ``torch.zeros(..., device="cuda")`` and friends in code that runs every step
    (``pipeline_parallel/schedules.py:596,983,2138``, ``transformer/moe/moe_utils.py:998``,
    ``rerun_state_machine.py:261,265``, ``distributed/param_and_grad_buffer.py:768``,
    ``utils.py:1207``) -> those modules see a ``torch`` whose tensor factories map a CUDA
    ``device=`` to CPU; every other attribute is the real ``torch``.
-9. ``torch.cuda.synchronize()`` after batched p2p ops (``pipeline_parallel/
-   p2p_communication.py:398``, pipeline parallelism) -> a no-op: CPU ops are synchronous.
+   Patches 8 and 10 live in ``compat/device_mode.py``.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
-import sys
-import threading
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
+from megatron_vespo.compat.device_mode import (  # noqa: F401 - re-exported for tests and benchmarks
+    _in_device_mode,
+    device_mode,
+    device_mode_active,
+    patch_factory_devices,
+    scope_device_mode,
+)
 from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
 
 _APPLIED = False
-_MODE: "_CudaToCpuMode | None" = None
 _CPU = torch.device("cpu")
 
 
@@ -91,8 +94,8 @@ def apply_cpu_compat(force: bool = False) -> bool:
     _patch_alltoall_streams()
     _patch_split_sizes_to_numpy()
     _patch_torch_norm_sequence_parallel()
-    _scope_device_mode()
-    _patch_factory_devices()
+    scope_device_mode()
+    patch_factory_devices()
     _patch_synchronize()
     _APPLIED = True
     logger.info("megatron-core CPU compatibility patches applied")
@@ -268,199 +271,7 @@ def _shallow_copy_with(config: Any, **changes: Any) -> Any:
     return cfg
 
 
-# 8. hard-coded device='cuda' ------------------------------------------------------------
-_CUDA_TYPES = {
-    "torch.FloatTensor": "torch.cuda.FloatTensor",
-    "torch.HalfTensor": "torch.cuda.HalfTensor",
-    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
-}
-
-
-def _is_cuda_device(dev: Any) -> bool:
-    if isinstance(dev, str):
-        return dev.startswith("cuda")
-    if isinstance(dev, torch.device):
-        return dev.type == "cuda"
-    return False
-
-
-def _called_from_megatron() -> bool:
-    # Frame 0 is __torch_function__, frame 1 the code that called the torch API.
-    frame = sys._getframe(2)
-    return frame.f_globals.get("__name__", "").startswith("megatron.")
-
-
-class _CudaToCpuMode(TorchFunctionMode):
-    """Maps CUDA device arguments to CPU for torch calls made by megatron code (patch 8)."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            if _called_from_megatron():
-                return args[0]
-        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            if name in _CUDA_TYPES and _called_from_megatron():
-                return _CUDA_TYPES[name]
-            return name
-        else:
-            dev = kwargs.get("device")
-            if dev is not None and _is_cuda_device(dev) and _called_from_megatron():
-                kwargs = dict(kwargs, device=_CPU)
-            elif func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]) and _called_from_megatron():
-                args = (args[0], _CPU, *args[2:])
-        return func(*args, **kwargs)
-
-
 # 9. torch.cuda.synchronize ----------------------------------------------------------------
 def _patch_synchronize() -> None:
     # p2p_communication.py:398 (batch_p2p_sync) waits for the device; nothing is queued on CPU.
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
-
-
-_SCOPE = threading.local()
-
-
-def _in_device_mode(fn: Callable) -> Callable:
-    """``fn`` run inside the patch-8 mode (entered once: nested wrapped calls do not re-enter)."""
-    if getattr(fn, "_megatron_vespo_device_mode", False):
-        return fn
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if getattr(_SCOPE, "depth", 0):
-            return fn(*args, **kwargs)
-        _SCOPE.depth = 1
-        try:
-            with _MODE:
-                return fn(*args, **kwargs)
-        finally:
-            _SCOPE.depth = 0
-
-    wrapper._megatron_vespo_device_mode = True  # type: ignore[attr-defined]
-    return wrapper
-
-
-def device_mode_active() -> bool:
-    """True inside a call that runs under the patch-8 mode (tests)."""
-    return bool(getattr(_SCOPE, "depth", 0))
-
-
-# Optimizer methods that run every step and allocate nothing on "cuda" themselves (the clip_grads
-# functions they call are scoped on their own): left unwrapped, so the torch optimizer's many
-# per-parameter ops (Adam's foreach kernels) do not each pay the mode's Python callback.
-_HOT_METHODS = frozenset({
-    "step", "step_with_ready_grads", "prepare_grads", "zero_grad", "get_loss_scale", "scale_loss",
-    "clip_grad_norm", "get_grad_norm", "count_zeros", "get_parameters", "get_main_grads_for_grad_norm",
-    "_copy_model_grads_to_main_grads", "_copy_main_params_to_model_params", "_unscale_main_grads_and_check_for_nan",
-    "get_grad_stats_parallel_group", "param_groups",
-})
-
-
-def _scope_module(mod: Any) -> dict[int, Callable]:
-    """Wrap the functions and the methods of the classes *defined in* ``mod``; returns {id(old): new}."""
-    swapped: dict[int, Callable] = {}
-    for name, obj in list(vars(mod).items()):
-        if getattr(obj, "__module__", None) != mod.__name__:
-            continue
-        if inspect.isfunction(obj):
-            new = _in_device_mode(obj)
-            swapped[id(obj)] = new
-            setattr(mod, name, new)
-        elif inspect.isclass(obj):
-            for attr, member in list(vars(obj).items()):
-                if isinstance(member, (staticmethod, classmethod)):
-                    setattr(obj, attr, type(member)(_in_device_mode(member.__func__)))
-                elif (inspect.isfunction(member) and attr not in _HOT_METHODS
-                      and (not attr.startswith("__") or attr == "__init__")):
-                    setattr(obj, attr, _in_device_mode(member))
-    return swapped
-
-
-def _scope_device_mode() -> None:
-    global _MODE
-    import importlib
-    import pkgutil
-
-    import megatron.core.optimizer as mopt
-    from megatron.core.models.common.language_module import language_module
-
-    _MODE = _CudaToCpuMode()
-    swapped: dict[int, Callable] = {}
-    names = [mopt.__name__] + [f"{mopt.__name__}.{m.name}" for m in pkgutil.iter_modules(mopt.__path__)
-                               if not m.ispkg]
-    for name in names:
-        try:
-            mod = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - optional backends (TE, apex, emerging optimizers) may not import
-            logger.debug("cpu compat: %s not importable, left as is", name)
-            continue
-        swapped.update(_scope_module(mod))
-    try:
-        from megatron.core.dist_checkpointing import serialization
-
-        for fn in ("save", "load", "load_common_state_dict", "load_tensors_metadata", "load_sharded_metadata"):
-            if hasattr(serialization, fn):
-                old = getattr(serialization, fn)
-                swapped[id(old)] = _in_device_mode(old)
-                setattr(serialization, fn, swapped[id(old)])
-    except ImportError:
-        logger.debug("cpu compat: megatron.core.dist_checkpointing not importable")
-    cls = language_module.LanguageModule
-    cls.setup_embeddings_and_output_layer = _in_device_mode(cls.setup_embeddings_and_output_layer)
-    # names imported elsewhere (`from .clip_grads import get_grad_norm_fp32`, `from megatron.core
-    # import dist_checkpointing` re-exports) keep the unwrapped function: rebind them too
-    for mod in list(sys.modules.values()):
-        if mod is None or not getattr(mod, "__name__", "").startswith("megatron."):
-            continue
-        for name, obj in list(vars(mod).items()):
-            new = swapped.get(id(obj))
-            if new is not None and new is not obj:
-                setattr(mod, name, new)
-
-
-# 10. tensor factories with device="cuda" on hot paths -------------------------------------
-_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "as_tensor", "zeros_like", "ones_like",
-              "empty_like", "full_like", "rand", "randn", "randint")
-
-
-class _CpuTorch:
-    """The ``torch`` module as seen by a patched megatron module: factories map a CUDA device to CPU."""
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(torch, name)
-        if name in _FACTORIES:
-            real = value
-
-            @functools.wraps(real)
-            def factory(*args: Any, **kwargs: Any) -> Any:
-                if _is_cuda_device(kwargs.get("device")):
-                    kwargs["device"] = _CPU
-                    kwargs.pop("pin_memory", None)
-                return real(*args, **kwargs)
-            value = factory
-        setattr(self, name, value)  # cached: later lookups are plain attribute reads
-        return value
-
-
-def _patch_factory_devices() -> None:
-    import importlib
-
-    proxy = _CpuTorch()
-    for name in ("megatron.core.pipeline_parallel.schedules", "megatron.core.transformer.moe.moe_utils",
-                 "megatron.core.rerun_state_machine", "megatron.core.distributed.param_and_grad_buffer",
-                 "megatron.core.utils", "megatron.core.tensor_parallel.data"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if getattr(mod, "torch", None) is torch:
-            mod.torch = proxy
-
-
-def _enable_device_mode() -> None:
-    """Enter the patch-8 mode for the rest of the process (the pre-issue-15 behaviour; benchmarks)."""
-    global _MODE
-    if _MODE is None:
-        _MODE = _CudaToCpuMode()
-    _MODE.__enter__()
