@@ -68,3 +68,11 @@ def test_fusion_is_off_where_every_old_log_prob_is_needed_first():
     assert not make_actor({}, train={"fuse_old_log_prob": False}).fuses_old_log_prob
     assert not make_actor({}, train={"old_log_prob_source": "rollout"}).fuses_old_log_prob
     assert not make_actor({}, routing="R2", train={}).fuses_old_log_prob
+
+
+def test_cpu_adam_takes_the_multi_tensor_path():
+    """torch's AdamW picks its per-parameter Python loop for CPU tensors unless told foreach=True."""
+    actor = make_actor({}, train={})
+    opts = getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])
+    groups = [g for o in opts for g in o.optimizer.param_groups]
+    assert groups and all(g["foreach"] is True for g in groups)
