@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from megatron_vespo.types import Sample
 
@@ -67,9 +68,6 @@ def target_token_reward(sample: Sample, label: Any) -> float:
 @register_reward("math")
 def math_reward(sample: Sample, label: Any) -> float:
     """1.0 if the response's final answer matches ``label`` per math-verify, else 0.0."""
-    from megatron_vespo.utils.imports import require
-
-    mv = require("math_verify", "the math reward")
     text = sample.metadata.get("response_text", sample.metadata.get("text"))
     if text is None:
         raise ValueError("math reward needs the response text: sample.metadata['response_text'] or the "
@@ -77,6 +75,16 @@ def math_reward(sample: Sample, label: Any) -> float:
     # math-verify's timeouts use signal.alarm, which only the main thread may set: off the main
     # thread (the async loop's rollout worker, a Ray actor thread) it raises, so run without them
     limit = 5 if threading.current_thread() is threading.main_thread() else None
-    gold = mv.parse(str(label) if str(label).startswith("$") else f"${label}$", parsing_timeout=limit)
+    return _math_score(str(label), str(text), limit)
+
+
+@functools.lru_cache(maxsize=65536)
+def _math_score(label: str, text: str, limit: Optional[int]) -> float:
+    """math-verify's verdict for one (label, response text) pair, memoised: the samples of a group
+    often give the same answer, and the verdict depends on nothing else."""
+    from megatron_vespo.utils.imports import require
+
+    mv = require("math_verify", "the math reward")
+    gold = mv.parse(label if label.startswith("$") else f"${label}$", parsing_timeout=limit)
     pred = mv.parse(text, parsing_timeout=limit)
     return float(bool(pred) and mv.verify(gold, pred, timeout_seconds=limit))
