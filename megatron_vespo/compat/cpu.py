@@ -26,30 +26,47 @@ and a no-op when CUDA is available. Every patch names the megatron-core 0.16.1
    (``distributed/finalize_model_grads.py:354``), as the TE norm does.
 8. Hard-coded ``device='cuda'`` in the optimizer stack (``optimizer/optimizer.py:473,481,
    485,907``, ``optimizer/clip_grads.py:90,103,115,174,207``, ``optimizer/grad_scaler.py:15,
-   88-94``, ``optimizer/distrib_optimizer.py:791,1089``) and the type assertion
-   ``grad.type() == 'torch.cuda.FloatTensor'`` (``optimizer/clip_grads.py:167``) -> a
-   ``TorchFunctionMode`` that, for calls made from ``megatron.*`` code only, maps CUDA device
-   arguments to CPU, makes ``Tensor.cuda()`` a no-op and reports CUDA type strings.
+   88-94``, ``optimizer/distrib_optimizer.py:791,1089``), the type assertion
+   ``grad.type() == 'torch.cuda.FloatTensor'`` (``optimizer/clip_grads.py:167``) and
+   ``.cuda()`` in distributed checkpointing (``dist_checkpointing/exchange_utils.py:98-110,
+   326-336,499``) -> a ``TorchFunctionMode`` that, for calls made from ``megatron.*`` code
+   only, maps CUDA device arguments to CPU, makes ``Tensor.cuda()`` a no-op and reports CUDA
+   type strings. It is entered only around the functions that need it: every function and
+   method of ``megatron.core.optimizer`` but the per-step ones that allocate nothing on
+   "cuda" (``_HOT_METHODS``), distributed checkpoint save/load, and the embedding
+   set-up (``models/common/language_module/language_module.py:244``). A mode left on for the
+   whole process would tax every torch call of the forward and backward (a Python callback
+   per op: ~5% of a CPU RL loop's time in issue 15's profile).
 9. ``torch.cuda.synchronize()`` after batched p2p ops (``pipeline_parallel/
    p2p_communication.py:398``, pipeline parallelism) -> a no-op: CPU ops are synchronous.
+10. ``torch.zeros(..., device="cuda")`` and friends in code that runs every step
+   (``pipeline_parallel/schedules.py:596,983,2138``, ``transformer/moe/moe_utils.py:998``,
+   ``rerun_state_machine.py:261,265``, ``distributed/param_and_grad_buffer.py:768``,
+   ``utils.py:1207``) -> those modules see a ``torch`` whose tensor factories map a CUDA
+   ``device=`` to CPU; every other attribute is the real ``torch``.
+   Patches 8 and 10 live in ``compat/device_mode.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import sys
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
+from megatron_vespo.compat.device_mode import (  # noqa: F401 - re-exported for tests and benchmarks
+    _in_device_mode,
+    device_mode,
+    device_mode_active,
+    patch_factory_devices,
+    scope_device_mode,
+)
 from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
 
 _APPLIED = False
-_MODE: "_CudaToCpuMode | None" = None
 _CPU = torch.device("cpu")
 
 
@@ -77,7 +94,8 @@ def apply_cpu_compat(force: bool = False) -> bool:
     _patch_alltoall_streams()
     _patch_split_sizes_to_numpy()
     _patch_torch_norm_sequence_parallel()
-    _enable_device_mode()
+    scope_device_mode()
+    patch_factory_devices()
     _patch_synchronize()
     _APPLIED = True
     logger.info("megatron-core CPU compatibility patches applied")
@@ -253,60 +271,7 @@ def _shallow_copy_with(config: Any, **changes: Any) -> Any:
     return cfg
 
 
-# 8. hard-coded device='cuda' ------------------------------------------------------------
-_CUDA_TYPES = {
-    "torch.FloatTensor": "torch.cuda.FloatTensor",
-    "torch.HalfTensor": "torch.cuda.HalfTensor",
-    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
-}
-
-
-def _is_cuda_device(dev: Any) -> bool:
-    if isinstance(dev, str):
-        return dev.startswith("cuda")
-    if isinstance(dev, torch.device):
-        return dev.type == "cuda"
-    return False
-
-
-def _called_from_megatron() -> bool:
-    # Frame 0 is __torch_function__, frame 1 the code that called the torch API.
-    frame = sys._getframe(2)
-    return frame.f_globals.get("__name__", "").startswith("megatron.")
-
-
-class _CudaToCpuMode(TorchFunctionMode):
-    """Maps CUDA device arguments to CPU for torch calls made by megatron code (patch 8)."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            if _called_from_megatron():
-                return args[0]
-        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            if name in _CUDA_TYPES and _called_from_megatron():
-                return _CUDA_TYPES[name]
-            return name
-        else:
-            dev = kwargs.get("device")
-            if dev is not None and _is_cuda_device(dev) and _called_from_megatron():
-                kwargs = dict(kwargs, device=_CPU)
-            elif func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]) and _called_from_megatron():
-                args = (args[0], _CPU, *args[2:])
-        return func(*args, **kwargs)
-
-
 # 9. torch.cuda.synchronize ----------------------------------------------------------------
 def _patch_synchronize() -> None:
     # p2p_communication.py:398 (batch_p2p_sync) waits for the device; nothing is queued on CPU.
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
-
-
-def _enable_device_mode() -> None:
-    global _MODE
-    if _MODE is None:
-        _MODE = _CudaToCpuMode()
-        # Entered for the life of the process: the hard-coded devices sit deep inside optimizer
-        # calls, so a scoped context would have to wrap every optimizer step.
-        _MODE.__enter__()

@@ -9,7 +9,6 @@ trained on and group losses always see whole groups.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Callable
@@ -29,10 +28,10 @@ class RolloutShortfallError(RuntimeError):
 
 
 async def _generate(router: EngineRouter, prompts: list[Prompt], cfg: RolloutConfig, first_group: int) -> list[Sample]:
-    tasks = [router.generate(p.tokens, cfg.sampling, group_index=first_group + g,
-                             metadata={"label": p.label, "prompt_index": p.index})
-             for g, p in enumerate(prompts) for _ in range(cfg.n_samples_per_prompt)]
-    return list(await asyncio.gather(*tasks))
+    # rollout.batch_requests: one batched /generate per engine (groups whole), else one per sample
+    return await router.generate_groups([p.tokens for p in prompts], cfg.sampling, cfg.n_samples_per_prompt,
+                                        first_group=first_group, batched=cfg.batch_requests,
+                                        metadata=[{"label": p.label, "prompt_index": p.index} for p in prompts])
 
 
 def collect_rollout(router: EngineRouter, run: Callable, dataset: PromptDataset, cfg: RolloutConfig,

@@ -74,7 +74,8 @@ class RolloutEngines:
         mode = self.embedded_mode or ("thread" if cfg.num_engines == 1 else "process")
         for i in range(cfg.num_engines):
             self._handles.append(start_embedded_server(
-                self.model_path, host=cfg.host, mode=mode, random_seed=i,
+                self.model_path, host=cfg.host, mode=mode, random_seed=i, max_batch_size=cfg.max_batch_size,
+                batch_wait_ms=cfg.batch_wait_ms,
                 log_path=str(self.log_dir / f"embedded_{i}.log") if mode == "process" else None))
         return [h.url for h in self._handles]
 

@@ -141,9 +141,10 @@ class RolloutWorker:
     async def _group(self, gid: int, prompt: Prompt) -> None:
         md = {"label": prompt.label, "prompt_index": prompt.index}
         try:
-            samples = list(await asyncio.gather(*(
-                self.router.generate(prompt.tokens, self.cfg.sampling, group_index=gid, metadata=md)
-                for _ in range(self.cfg.n_samples_per_prompt))))
+            # the group's n samples as one batched /generate (rollout.batch_requests), else n requests
+            samples = await self.router.generate_groups([prompt.tokens], self.cfg.sampling,
+                                                        self.cfg.n_samples_per_prompt, first_group=gid,
+                                                        metadata=[md], batched=self.cfg.batch_requests)
             self._finish(gid, prompt, samples)
         except asyncio.CancelledError:
             raise

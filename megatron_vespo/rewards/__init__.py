@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Optional
 
 from megatron_vespo.types import Sample, SampleStatus
 
@@ -90,13 +92,23 @@ def target_token_reward(sample: Sample, label: Any) -> float:
 @register_reward("math")
 def math_reward(sample: Sample, label: Any) -> float:
     """1.0 if the response's final answer matches ``label`` per math-verify, else 0.0."""
-    from megatron_vespo.utils.imports import require
-
-    mv = require("math_verify", "the math reward")
     text = sample.metadata.get("response_text", sample.metadata.get("text"))
     if text is None:
         raise ValueError("math reward needs the response text: sample.metadata['response_text'] or the "
                          "engine's 'text' (serve a model with a tokenizer)")
-    gold = mv.parse(str(label) if str(label).startswith("$") else f"${label}$")
-    pred = mv.parse(text)
-    return float(bool(pred) and mv.verify(gold, pred))
+    # math-verify's timeouts use signal.alarm, which only the main thread may set: off the main
+    # thread (the async loop's rollout worker, a Ray actor thread) it raises, so run without them
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    return _math_score(str(label), str(text), limit)
+
+
+@functools.lru_cache(maxsize=65536)
+def _math_score(label: str, text: str, limit: Optional[int]) -> float:
+    """math-verify's verdict for one (label, response text) pair, memoised: the samples of a group
+    often give the same answer, and the verdict depends on nothing else."""
+    from megatron_vespo.utils.imports import require
+
+    mv = require("math_verify", "the math reward")
+    gold = mv.parse(label if label.startswith("$") else f"${label}$", parsing_timeout=limit)
+    pred = mv.parse(text, parsing_timeout=limit)
+    return float(bool(pred) and mv.verify(gold, pred, timeout_seconds=limit))

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from megatron_vespo.rollout.config import RolloutConfig, SamplingConfig
-from megatron_vespo.rollout.protocol import build_generate_payload, response_to_sample
+from megatron_vespo.rollout.protocol import build_batch_payload, build_generate_payload, response_to_sample
 from megatron_vespo.rollout.routes import RouteSpec
 from megatron_vespo.types import Sample
 from megatron_vespo.utils.imports import require
@@ -96,8 +96,13 @@ class SGLangClient:
         self.outstanding = 0
         self.policy_version = 0
         self._sem = asyncio.Semaphore(max_concurrency)
+        # Keep-alive pool as large as the requests in flight. Idle connections expire after 3 s,
+        # below the 5 s keep-alive of uvicorn (SGLang's and our server's front): reusing a
+        # connection the server is closing at that moment is the "ReadError" retry otherwise seen.
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), trust_env=False, transport=transport,
-                                       limits=httpx.Limits(max_connections=max_concurrency))
+                                       limits=httpx.Limits(max_connections=max_concurrency,
+                                                           max_keepalive_connections=max_concurrency,
+                                                           keepalive_expiry=3.0))
         self._httpx = httpx
         self.transport = transport  # copied by weight_sync.channel.EngineChannel for its own clients
         self._seq = itertools.count()
@@ -190,9 +195,48 @@ class SGLangClient:
                                   flag_retracted=self.flag_retracted, default_policy_version=self.policy_version,
                                   group_index=group_index, metadata=md)
 
+    async def generate_many(self, prompts: Sequence[Sequence[int]], params: Sequence[Mapping[str, Any]], *,
+                            group_indices: Sequence[int], metadata: Optional[Sequence[Mapping[str, Any]]] = None
+                            ) -> list[Sample]:
+        """One batched ``/generate`` for ``len(prompts)`` rows (``protocol.build_batch_payload``).
+
+        ``params[i]`` is row i's raw SGLang ``sampling_params`` (its own ``sampling_seed``).
+        A connection error or 5xx retries the whole body (same seeds, so the same samples);
+        a 4xx raises ``EngineHTTPError``. Each answer is checked like a single response
+        (``response_to_sample``: flagged, never raised, when inconsistent).
+        """
+        n = len(prompts)
+        if not n:
+            return []
+        if len(params) != n or len(group_indices) != n or (metadata is not None and len(metadata) != n):
+            raise ValueError("generate_many needs one sampling_params, group index (and metadata) per prompt")
+        base = uuid.uuid4().hex
+        rids = [f"{base}-{i}" for i in range(n)]
+        payload = build_batch_payload(prompts, params, rids=rids, return_routed_experts=self.return_routed_experts)
+        self.outstanding += n
+        try:
+            resp = await self.request("POST", "/generate", json=payload)
+        finally:
+            self.outstanding -= n
+        if not isinstance(resp, list) or len(resp) != n:
+            got = f"a list of {len(resp)}" if isinstance(resp, list) else type(resp).__name__
+            raise EngineHTTPError(f"POST {self.url}/generate with a batch of {n} returned {got}, expected a list "
+                                  f"of {n} (does this server take batch bodies? else set rollout.batch_requests="
+                                  "false)", 200, str(resp)[:500])
+        out = []
+        for i, r in enumerate(resp):
+            md = {"engine_url": self.url, **((metadata or [{}] * n)[i] or {})}
+            out.append(response_to_sample(r, prompts[i], route_spec=self.route_spec,
+                                          expect_routes=self.return_routed_experts,
+                                          flag_retracted=self.flag_retracted,
+                                          default_policy_version=self.policy_version,
+                                          group_index=group_indices[i], metadata=md))
+        return out
+
     async def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | Mapping[str, Any],
                              n_samples_per_prompt: int = 1) -> list[Sample]:
-        """``n_samples_per_prompt`` samples for every prompt, concurrently; group_index = prompt index."""
+        """``n_samples_per_prompt`` samples for every prompt, one request each, concurrently;
+        group_index = prompt index (the batched path is ``EngineRouter.generate_groups``)."""
         tasks = [self.generate(p, sampling, group_index=g) for g, p in enumerate(prompts)
                  for _ in range(n_samples_per_prompt)]
         return list(await asyncio.gather(*tasks))

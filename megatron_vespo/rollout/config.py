@@ -98,6 +98,15 @@ class RolloutConfig(Section):
     """First back-off between retries, seconds (doubles each retry)."""
     max_concurrency: int = Field(64, ge=1)
     """Requests in flight at once per client."""
+    batch_requests: bool = True
+    """One /generate per engine per rollout batch (SGLang GenerateReqInput batch: an input_ids list, one
+    sampling_params dict per row), the n samples of a prompt kept together on one engine; false: one request per
+    sample (for SGLang's router, which routes per request, or a server that takes no batch bodies)."""
+    max_batch_size: int = Field(64, ge=1)
+    """Embedded engine only: requests per forward batch."""
+    batch_wait_ms: float = Field(20.0, ge=0)
+    """Embedded engine only: how long the first queued request waits for more to join its batch (a batch body
+    starts at once)."""
     router_policy: Literal["round_robin", "least_outstanding"] = "least_outstanding"
     """How requests are spread over engines."""
     flag_retracted: bool = True

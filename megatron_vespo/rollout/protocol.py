@@ -26,6 +26,7 @@ import logging
 import math
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from megatron_vespo.rollout.routes import RouteDecodeError, RouteSpec, decode_routes, stitch_routes
@@ -65,6 +66,42 @@ def build_generate_payload(input_ids: Sequence[int], sampling_params: Mapping[st
     return payload
 
 
+def build_batch_payload(input_ids: Sequence[Sequence[int]], sampling_params: Sequence[Mapping[str, Any]], *,
+                        rids: Optional[Sequence[str]] = None, return_logprob: bool = True,
+                        return_routed_experts: bool = False) -> dict:
+    """The JSON body of one batched ``/generate``: one row per sequence, answered by a list in order.
+
+    Batch fields as sglang's ``GenerateReqInput`` (``managers/io_struct.py``, checked at commit
+    001067f of sgl-project/sglang, same fields as the 0.5.23 wheel): ``input_ids`` is a list of
+    lists, ``sampling_params`` a list with one dict per row (so each row has its own
+    ``sampling_seed``), ``rid`` a list of unique ids; ``return_logprob`` / ``logprob_start_len``
+    are per batch here (scalars apply to every row), and ``return_routed_experts`` /
+    ``routed_experts_start_len`` are scalars in SGLang, so only rows starting their routes at 0
+    can share a batch.
+    """
+    if not input_ids:
+        raise ValueError("a batched /generate needs at least one row")
+    if len(sampling_params) != len(input_ids):
+        raise ValueError(f"{len(sampling_params)} sampling_params for {len(input_ids)} rows")
+    if rids is not None and (len(rids) != len(input_ids) or len(set(rids)) != len(rids)):
+        raise ValueError("rids must be unique, one per row")
+    rows = []
+    for i, ids in enumerate(input_ids):
+        if not ids:
+            raise ValueError(f"input_ids[{i}] is empty: a prompt needs at least one token")
+        rows.append([int(t) for t in ids])
+    payload: dict[str, Any] = {
+        "input_ids": rows,
+        "sampling_params": [dict(p) for p in sampling_params],
+        "return_logprob": bool(return_logprob),
+        "logprob_start_len": -1,
+        "return_routed_experts": bool(return_routed_experts),
+    }
+    if rids is not None:
+        payload["rid"] = list(rids)
+    return payload
+
+
 def parse_weight_version(value: Any) -> Optional[int]:
     """SGLang weight versions are strings; ours are ints. ``"7"`` -> 7, ``"default"``/None -> None."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -93,6 +130,33 @@ def _log_probs(meta: Mapping[str, Any], output_ids: list[int], flags: list[str])
     if len(entries) != len(output_ids):
         flags.append(f"{len(entries)} output_token_logprobs for {len(output_ids)} output_ids")
         return None
+    if not entries:
+        return torch.zeros(0, dtype=torch.float32)
+    # numpy over the whole list (one C loop) rather than per-token Python; any entry the array
+    # cannot take (wrong shape, non-numbers) is located by the per-entry check below.
+    try:
+        arr = np.asarray(entries, dtype=object)
+        if arr.ndim != 2 or arr.shape[1] < 2:
+            raise ValueError("ragged")
+        lps = arr[:, 0].astype(np.float64)  # None -> nan: flagged as not finite below
+        toks = arr[:, 1].astype(np.float64)  # compared as floats: 3.5 never passes for token 3
+    except (ValueError, TypeError):
+        return _log_probs_slow(entries, output_ids, flags)
+    wrong = np.flatnonzero(toks != np.asarray(output_ids, dtype=np.float64))
+    if wrong.size:
+        i = int(wrong[0])
+        flags.append(f"output_token_logprobs[{i}] is for token {entries[i][1]}, output_ids[{i}] is {output_ids[i]}")
+        return None
+    bad = np.flatnonzero(~np.isfinite(lps) | (lps > 1e-4))
+    if bad.size:
+        i = int(bad[0])
+        flags.append(f"output_token_logprobs[{i}] = {entries[i][0]!r} is not a finite log-probability <= 0")
+        return None
+    return torch.from_numpy(lps.astype(np.float32))
+
+
+def _log_probs_slow(entries: Sequence[Any], output_ids: list[int], flags: list[str]) -> Optional[torch.Tensor]:
+    """Per-entry check of a malformed ``output_token_logprobs`` list (names the first bad entry)."""
     values = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, (list, tuple)) or len(entry) < 2:

@@ -92,6 +92,48 @@ class EngineRouter:
                  for _ in range(n_samples_per_prompt)]
         return list(await asyncio.gather(*tasks))
 
+    async def generate_groups(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | Mapping[str, Any],
+                              n_samples_per_prompt: int, *, first_group: int = 0,
+                              metadata: Optional[Sequence[Mapping[str, Any]]] = None,
+                              batched: bool = True) -> list[Sample]:
+        """``n_samples_per_prompt`` samples per prompt, in prompt-major order; group g+first_group = prompt g.
+
+        ``batched``: the groups are dealt whole to the engines (each engine gets about the same
+        number of rows, fewest outstanding first) and each engine receives them as ONE batched
+        ``/generate`` (``SGLangClient.generate_many``). Otherwise one request per sample
+        (``generate``), the path for SGLang's router. Seeds come from the router's counter in
+        prompt-major order either way, so both paths ask for the same samples.
+        """
+        n = n_samples_per_prompt
+        rows = [(first_group + g, p, dict((metadata or [{}] * len(prompts))[g] or {}))
+                for g, p in enumerate(prompts) for _ in range(n)]
+        params = [self._params(sampling) for _ in rows]
+        if not batched:
+            return list(await asyncio.gather(*(
+                self.pick().generate(p, sp, group_index=g, metadata=md) for (g, p, md), sp in zip(rows, params))))
+        # deal whole groups: engine e gets groups e, e + E, ... starting from the least loaded engine
+        order = sorted(range(len(self.clients)), key=lambda i: (self.clients[i].outstanding, i))
+        shares: dict[int, list[int]] = {}
+        for g in range(len(prompts)):
+            shares.setdefault(order[g % len(order)], []).extend(range(g * n, (g + 1) * n))
+        results: list[Optional[Sample]] = [None] * len(rows)
+
+        async def one(engine: int, idx: list[int]) -> None:
+            out = await self.clients[engine].generate_many(
+                [rows[i][1] for i in idx], [params[i] for i in idx], group_indices=[rows[i][0] for i in idx],
+                metadata=[rows[i][2] for i in idx])
+            for i, sample in zip(idx, out):
+                results[i] = sample
+        await asyncio.gather(*(one(e, idx) for e, idx in shares.items()))
+        return list(results)  # type: ignore[arg-type]
+
+    def _params(self, sampling: SamplingConfig | Mapping[str, Any]) -> dict[str, Any]:
+        """Raw ``sampling_params`` of the next request (a base seed becomes the router's next seed)."""
+        if isinstance(sampling, SamplingConfig):
+            return sampling.to_sglang(None if sampling.sampling_seed is None
+                                      else sampling.sampling_seed + next(self._seeds))
+        return dict(sampling)
+
     async def broadcast(self, fn: Callable[[SGLangClient], Awaitable[Any]]) -> list[Any]:
         """Run ``fn(client)`` on every engine concurrently; the first failure is raised."""
         return list(await asyncio.gather(*(fn(c) for c in self.clients)))

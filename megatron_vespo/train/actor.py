@@ -10,7 +10,11 @@
 
 1. old log-probs, once, before update 1: recomputed with the current weights
    (``train.old_log_prob_source=recompute``; routing R2 records here, R3 replays the engine's
-   routes) or taken from ``batch.rollout_log_probs`` (``rollout``);
+   routes) or taken from ``batch.rollout_log_probs`` (``rollout``). With
+   ``train.fuse_old_log_prob`` (default) the rows of mini-batch 1 skip that forward: update 1
+   runs on the same weights, so their old log-probs are update 1's own log-probs, detached
+   (importance ratio exactly 1, as verl computes them on-policy); the forward before update 1
+   covers mini-batches 2..N only (none at N = 1);
 2. for k = 1..N (N = rollout_batch_size / mini_batch_size): mini-batch k is split over DP
    ranks and micro-batches; each micro-batch loss is the registry loss with the mini-batch's
    ``global_denominator``, scaled by (micro-batches x DP size) to undo the schedule's
@@ -172,7 +176,8 @@ class MegatronActor:
         return self._log_prob_pass(batch, with_entropy=with_entropy, routes=routes, record=False)[:2]
 
     def _log_prob_pass(self, batch: TrainBatch, *, with_entropy: bool, routes: Optional[torch.Tensor],
-                       record: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+                       record: bool, first_mini: int = 0
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         b, s = batch.tokens.shape
         mini = min(self.train_cfg.mini_batch_size, b)
         if b % mini:
@@ -187,7 +192,7 @@ class MegatronActor:
         try:
             # one schedule call per mini-batch: all micro-batches of a call share one length
             # (pipeline p2p shapes), and a rank walks exactly the rows it will train on
-            for k in range(b // mini):
+            for k in range(first_mini, b // mini):  # rows of mini-batches before first_mini stay 0
                 mbs = self._micro_batches(batch, batching.mini_batch_rows(b, mini, k),
                                           self.train_cfg.micro_batch_size, routes=routes)
                 out += forward_log_probs(self.model, mbs, temperature=self.temperature, with_entropy=with_entropy,
@@ -209,13 +214,14 @@ class MegatronActor:
         b, s = batch.tokens.shape
         t0 = time.perf_counter()
         routes = batch.routed_experts if self.routing_cfg.mode == "R3" else None
+        fuse = self.fuses_old_log_prob
         if tc.old_log_prob_source == "recompute" or self.routing_cfg.mode == "R2":
             old, _, recorded = self._log_prob_pass(batch, with_entropy=False, routes=None,
-                                                   record=self.routing_cfg.mode == "R2")
+                                                   record=self.routing_cfg.mode == "R2", first_mini=int(fuse))
             if self.routing_cfg.mode == "R2":
                 routes = recorded
         diagnostics: dict[str, float] = {}
-        if tc.old_log_prob_source == "recompute" and batch.rollout_log_probs is not None:
+        if tc.old_log_prob_source == "recompute" and batch.rollout_log_probs is not None and not fuse:
             diagnostics.update(log_prob_mismatch(old * batch.loss_mask, batch.rollout_log_probs.float(),
                                                  batch.loss_mask))
         if self.routing_cfg.mode == "R2" and batch.routed_experts is not None:
@@ -236,13 +242,28 @@ class MegatronActor:
         results = []
         for k in range(tc.staleness):
             rows = batching.mini_batch_rows(b, tc.mini_batch_size, k)
-            metrics = self._update(batch, rows, old, mask, is_weights, routes)
+            metrics = self._update(batch, rows, old, mask, is_weights, routes, fused_old=fuse and k == 0)
+            if fuse and k == 0 and batch.rollout_log_probs is not None:
+                # mini-batch 1's old log-probs exist only now (filled in by _update)
+                diagnostics.update(log_prob_mismatch(old, batch.rollout_log_probs.float(), batch.loss_mask))
             metrics.update(rollout_is_metrics)
             metrics.update(diagnostics)
             metrics["time/old_log_prob_s"] = old_time
             metrics["update"] = float(k)
             results.append(metrics)
         return results
+
+    @property
+    def fuses_old_log_prob(self) -> bool:
+        """Whether update 1 supplies its own rows' old log-probs (``train.fuse_old_log_prob``).
+
+        Needs recomputed old log-probs, and neither R2 (its record hooks count one forward per
+        micro-batch, which a training pass with activation recompute would break) nor rollout
+        IS correction (its weights need every old log-prob before update 1).
+        """
+        tc = self.train_cfg
+        return (tc.fuse_old_log_prob and tc.old_log_prob_source == "recompute" and self.routing_cfg.mode != "R2"
+                and not self.loss_cfg.rollout_is.enabled)
 
     def _routing_drift(self, recorded: torch.Tensor, rollout_routes: torch.Tensor) -> dict[str, float]:
         """Agreement of the trainer's own routing (R2 record) with the rollout engine's, summed over ranks."""
@@ -268,7 +289,13 @@ class MegatronActor:
         return max(d, 1.0)
 
     def _update(self, batch: TrainBatch, rows: torch.Tensor, old: torch.Tensor, mask: torch.Tensor,
-                is_weights: Optional[torch.Tensor], routes: Optional[torch.Tensor]) -> dict[str, float]:
+                is_weights: Optional[torch.Tensor], routes: Optional[torch.Tensor],
+                fused_old: bool = False) -> dict[str, float]:
+        """One optimizer update on mini-batch ``rows``.
+
+        ``fused_old``: the weights are those of the old log-probs, so the loss takes them from
+        this forward (detached); ``old[rows]`` is filled in place before the metrics.
+        """
         tc, lc = self.train_cfg, self.loss_cfg
         t0 = time.perf_counter()
         # rollout_log_probs carries the TIS/MIS weights into the micro-batch slices
@@ -289,8 +316,9 @@ class MegatronActor:
         scale = float(len(mbs) * self.info.dp_size)
 
         def callback(mb: batching.MicroBatch, lp: torch.Tensor, ent: Optional[torch.Tensor]) -> tuple:
+            old_lp = lp.detach() * mb.loss_mask if fused_old else mb.old_log_prob
             loss, _ = compute_policy_loss(
-                lc.name, log_prob=lp, old_log_prob=mb.old_log_prob, advantages=mb.advantages,
+                lc.name, log_prob=lp, old_log_prob=old_lp, advantages=mb.advantages,
                 response_mask=mb.loss_mask, loss_agg_mode=lc.loss_agg_mode,
                 rollout_is_weights=mb.rollout_log_probs if is_weights is not None else None,
                 group_index=mb.group_index if spec.needs_group else None, global_denominator=denom, **lc.params)
@@ -313,6 +341,11 @@ class MegatronActor:
             self.scheduler.step(increment=1)
         self.updates += 1
         elapsed = time.perf_counter() - t0
+        if fused_old:
+            lp_all = gather_rows([(r, x) for r, x, _, _ in stashes], *batch.tokens.shape, dp_group=self.dp_group,
+                                 pp_group=self.pp_group, pp_last_rank=self.pp_last_rank,
+                                 is_last_stage=self.is_last_stage, device=self.info.device)
+            old[rows] = lp_all[rows] * batch.loss_mask[rows]
         metrics = self._report(batch, rows, old, mask, is_weights, stashes, denom, grad_norm, ok, elapsed)
         metrics["lr"] = lr
         if self.routing is not None:

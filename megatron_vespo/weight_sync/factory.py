@@ -76,7 +76,15 @@ class TensorEngineSync(EngineWeightSync):
         self.sync = TensorWeightSync(hf_cfg, cfg, engine_tp_size=engine_tp_size)
 
     def update(self, model: Any, version: int, engines: Any = None) -> dict[str, float]:
-        """Collective: serialize every bucket on each rank; rank 0 posts the payloads."""
+        """Collective: serialize every bucket on each rank; rank 0 posts the payloads.
+
+        An embedded engine in this process (one rank) gets the tensors directly (``inprocess.py``).
+        """
+        from megatron_vespo.weight_sync.inprocess import in_process_engines, push_in_process
+
+        local = in_process_engines(engines)
+        if local is not None:
+            return push_in_process(model, version, local, engines.router.clients, self.sync.dims, self.cfg)
         return self.sync.push(model, version, clients=engines.router.clients if engines else None,
                               run=engines.run if engines else None)
 

@@ -89,3 +89,23 @@ def test_jsonl_source_without_path_is_a_config_error():
     with pytest.raises(ConfigError, match=r"data.source=jsonl reads prompts from a file: set data.path"):
         load_config(JobConfig, None, ["data.source=jsonl"])
     assert load_config(JobConfig, None, ["data.source=jsonl", "data.path=p.jsonl"]).data.path == "p.jsonl"
+
+
+def test_math_reward_works_off_the_main_thread():
+    """The async loop scores in a Ray actor's thread, where math-verify's signal timeouts raise."""
+    import threading
+
+    pytest.importorskip("math_verify")
+    from megatron_vespo.rewards import get_reward
+    from megatron_vespo.types import Sample
+
+    fn = get_reward("math")
+    out = {}
+
+    def score():
+        out["right"] = fn(Sample(prompt_tokens=[1], response_tokens=[2], metadata={"text": "42"}), "42")
+        out["wrong"] = fn(Sample(prompt_tokens=[1], response_tokens=[2], metadata={"text": "41"}), "42")
+    t = threading.Thread(target=score)
+    t.start()
+    t.join(60)
+    assert out == {"right": 1.0, "wrong": 0.0}

@@ -140,6 +140,12 @@ class FakeRouter:
         return Sample(list(tokens), [1, 6], policy_version=v, group_index=group_index, status=status, metadata=md)
 
 
+    async def generate_groups(self, prompts, sampling, n, *, first_group=0, metadata=None, batched=True):
+        """As ``EngineRouter.generate_groups``: n samples per prompt, prompt-major (one call per sample here)."""
+        return list(await asyncio.gather(*(self.generate(p, sampling, first_group + g, (metadata or [{}])[g])
+                                           for g, p in enumerate(prompts) for _ in range(n))))
+
+
 def _worker(router, *, b=2, lag=1, inflight=8, buffer=None, pending=(), num_prompts=50, version=0):
     ds = PromptDataset([Prompt(tokens=[7, i], label=1, index=i) for i in range(num_prompts)], seed=0)
     cfg = RolloutConfig(n_samples_per_prompt=N)

@@ -65,11 +65,13 @@ class EmbeddedEngine:
         max_batch_size: requests per batch.
         batch_wait_s: after the first queued request, wait this long for more to join its batch
             (concurrent HTTP requests arrive a few ms apart; without it the first runs alone).
+            Rows of one batched ``/generate`` arrive together and start at once
+            (``submit(..., complete=True)``).
         return_original_logprob: report raw log-probs (default: ``SGLANG_RETURN_ORIGINAL_LOGPROB``).
     """
 
     def __init__(self, model: Any, *, model_path: Optional[str] = None, tokenizer: Any = None,
-                 weight_version: str = "default", random_seed: int = 0, max_batch_size: int = 32,
+                 weight_version: str = "default", random_seed: int = 0, max_batch_size: int = 64,
                  batch_wait_s: float = 0.02, return_original_logprob: Optional[bool] = None,
                  fp8_weights: Optional[str] = None):
         self.model = model.eval()
@@ -91,6 +93,7 @@ class EmbeddedEngine:
         self._rng = random.Random(random_seed)
         self._cv = threading.Condition()
         self._pending: collections.deque[GenRequest] = collections.deque()
+        self._complete = False  # the queue holds a whole batched request: no batching wait
         self._running: list[GenRequest] = []
         self._controls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._paused = False
@@ -156,12 +159,17 @@ class EmbeddedEngine:
             raise ValueError("return_routed_experts=true but the served model has no MoE router")
         return reqs, batched
 
-    def submit(self, reqs: list[GenRequest]) -> None:
-        """Queue requests; each signals ``req.done`` (and calls ``req.on_done``) when finished."""
+    def submit(self, reqs: list[GenRequest], complete: bool = False) -> None:
+        """Queue requests; each signals ``req.done`` (and calls ``req.on_done``) when finished.
+
+        ``complete``: ``reqs`` is a whole batch (one batched ``/generate``): the worker starts it
+        without waiting ``batch_wait_s`` for others to join.
+        """
         with self._cv:
             if self._stopping:
                 raise RuntimeError("engine is shut down")
             self._pending.extend(reqs)
+            self._complete = self._complete or complete
             self._cv.notify_all()
 
     def decode(self, ids: list[int]) -> str:
@@ -280,11 +288,12 @@ class EmbeddedEngine:
             with self._cv:
                 deadline = time.monotonic() + self.batch_wait_s  # let concurrent arrivals join the batch
                 while (self._pending and len(self._pending) < self.max_batch_size and not self._stopping
-                       and deadline > time.monotonic()):
+                       and not self._complete and deadline > time.monotonic()):
                     self._cv.wait(timeout=deadline - time.monotonic())
                 if self._paused or not self._pending:
                     continue
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
+                self._complete = self._complete and bool(self._pending)  # the rest of a big batch: no wait
                 self._running = batch
             try:
                 self.run_batch(batch)
@@ -368,8 +377,9 @@ class EmbeddedEngine:
                 lps = reported_log_probs(logits, params, self.original_logprob)
                 lps.clamp_(min=torch.finfo(torch.float32).min)
                 toks = sample_tokens(logits, params, [gens[i] for i in rows])
-                for b, i in enumerate(rows):
-                    self._append(live[i], int(toks[b]), float(lps[b, toks[b]]))
+                chosen = lps.gather(1, toks[:, None]).squeeze(1).tolist()  # one conversion, not per row
+                for b, (i, tok) in enumerate(zip(rows, toks.tolist())):
+                    self._append(live[i], tok, chosen[b])
                 self.generated_tokens += len(rows)
                 ids = toks[:, None]
                 attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype)], dim=1)

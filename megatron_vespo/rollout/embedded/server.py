@@ -71,7 +71,7 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     async def body_as(request: Any, model: Any) -> Any:
         return validate(model, await body_of(request))  # RequestError (-> 400) names the field
 
-    async def run(reqs: list, request: Any = None) -> list:
+    async def run(reqs: list, request: Any = None, complete: bool = False) -> list:
         loop = asyncio.get_running_loop()
         futs = []
         for r in reqs:
@@ -79,7 +79,7 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
             r.on_done = lambda req, fut=fut: loop.call_soon_threadsafe(
                 lambda: fut.done() or fut.set_result(req))
             futs.append(fut)
-        engine.submit(reqs)
+        engine.submit(reqs, complete=complete)
         watch = asyncio.ensure_future(abort_on_disconnect(engine, request, reqs)) if request is not None else None
         try:
             return list(await asyncio.gather(*futs))
@@ -97,7 +97,7 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
             reqs, batched = engine.parse(await body_of(request))
         except (ValueError, TypeError) as exc:
             return error(str(exc))
-        done = await run(reqs, request)
+        done = await run(reqs, request, complete=batched)  # a batch body is a whole batch: no batching wait
         decode = engine.decode if engine.tokenizer is not None else None
         outs = [render_response(r, engine.weight_version, decode) for r in done]
         return JSONResponse(outs if batched else outs[0])
@@ -276,24 +276,26 @@ class EmbeddedServerHandle:
 
 
 def _engine_args(model_path: Optional[str], preset: Optional[str], seed: int, dtype: str, random_seed: int,
-                 max_batch_size: int, weight_version: str) -> list[str]:
+                 max_batch_size: int, weight_version: str, batch_wait_ms: float = 20.0) -> list[str]:
     args = ["--model-path", model_path] if model_path else ["--preset", preset or "tiny", "--seed", str(seed)]
     return args + ["--dtype", dtype, "--random-seed", str(random_seed), "--max-batch-size", str(max_batch_size),
-                   "--weight-version", weight_version]
+                   "--batch-wait-ms", str(batch_wait_ms), "--weight-version", weight_version]
 
 
 def start_embedded_server(model_path: Optional[str] = None, *, preset: Optional[str] = None, seed: int = 0,
                           host: str = "127.0.0.1", port: Optional[int] = None, mode: str = "thread",
-                          dtype: str = "float32", random_seed: int = 0, max_batch_size: int = 32,
+                          dtype: str = "float32", random_seed: int = 0, max_batch_size: int = 64,
                           weight_version: str = "default", engine: Optional[EmbeddedEngine] = None,
                           log_path: Optional[str] = None, env: Optional[dict] = None,
-                          startup_timeout_s: float = 180.0) -> EmbeddedServerHandle:
+                          startup_timeout_s: float = 180.0, batch_wait_ms: float = 20.0) -> EmbeddedServerHandle:
     """Start an embedded server on ``host:port`` (a free port by default) and wait until healthy.
 
     ``mode="thread"`` runs uvicorn in a thread of this process (fast; ``handle.engine`` is the
     engine); ``mode="process"`` starts ``python -m megatron_vespo.rollout.embedded.server`` in its own
     process group (several servers use several cores; logs to ``log_path``).
     Give ``model_path`` (HF dir) or ``preset`` (random weights from ``seed``), or a ready ``engine``.
+    ``max_batch_size`` / ``batch_wait_ms``: the engine's batching (``rollout.max_batch_size`` /
+    ``rollout.batch_wait_ms`` in a job).
     """
     if mode == "process":
         if engine is not None:
@@ -302,7 +304,8 @@ def start_embedded_server(model_path: Optional[str] = None, *, preset: Optional[
         log = log_path or os.path.join(tempfile.mkdtemp(prefix="mv_embedded_"), f"server_{port}.log")
         cmd = [sys.executable, "-m", "megatron_vespo.rollout.embedded.server", "--host", host, "--port", str(port),
                "--parent-pid", str(os.getpid()),
-               *_engine_args(model_path, preset, seed, dtype, random_seed, max_batch_size, weight_version)]
+               *_engine_args(model_path, preset, seed, dtype, random_seed, max_batch_size, weight_version,
+                             batch_wait_ms)]
         proc = ServerProcess(cmd, f"http://{host}:{port}", log, env=env).start()
         proc.wait_healthy(startup_timeout_s, interval_s=0.2)
         return EmbeddedServerHandle(proc.url, process=proc)
@@ -310,18 +313,18 @@ def start_embedded_server(model_path: Optional[str] = None, *, preset: Optional[
         raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
     uvicorn = require("uvicorn", "the embedded rollout server")
     if engine is None:
-        engine = (EmbeddedEngine.from_pretrained(model_path, dtype, random_seed=random_seed,
-                                                 max_batch_size=max_batch_size, weight_version=weight_version)
-                  if model_path else
-                  EmbeddedEngine.from_preset(preset or "tiny", seed, dtype, random_seed=random_seed,
-                                             max_batch_size=max_batch_size, weight_version=weight_version))
+        kw = dict(random_seed=random_seed, max_batch_size=max_batch_size, weight_version=weight_version,
+                  batch_wait_s=batch_wait_ms / 1000.0)
+        engine = (EmbeddedEngine.from_pretrained(model_path, dtype, **kw) if model_path else
+                  EmbeddedEngine.from_preset(preset or "tiny", seed, dtype, **kw))
     engine.start()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port or 0))  # binding port 0 here avoids the find-a-free-port race
     port = sock.getsockname()[1]
     app = build_app(engine, {"host": host, "port": port, "frontend": "embedded-thread"})
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+    # keep-alive longer than the client's pool expiry (3 s), so the client always closes first
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=30,
                                                 timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"embedded-http-{port}",
                               daemon=True)
@@ -345,7 +348,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--random-seed", type=int, default=0, help="seed for requests without sampling_seed")
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=64, help="requests per forward batch")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long the first queued request waits for others to join its batch")
     p.add_argument("--weight-version", default="default")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process (the run that started the server) is gone")
@@ -370,7 +375,8 @@ def serve(args: argparse.Namespace) -> int:
     if getattr(args, "parent_pid", None):
         watch_parent(args.parent_pid)
     _check_port_free(args.host, args.port)  # before the model loads, and before announcing a URL
-    kw = dict(random_seed=args.random_seed, max_batch_size=args.max_batch_size, weight_version=args.weight_version)
+    kw = dict(random_seed=args.random_seed, max_batch_size=args.max_batch_size, weight_version=args.weight_version,
+              batch_wait_s=args.batch_wait_ms / 1000.0)
     engine = (EmbeddedEngine.from_pretrained(args.model_path, args.dtype, **kw) if args.model_path
               else EmbeddedEngine.from_preset(args.preset or "tiny", args.seed, args.dtype, **kw))
     engine.start()
@@ -378,7 +384,7 @@ def serve(args: argparse.Namespace) -> int:
                              "model_path": engine.model_path})
     logger.info("embedded rollout server for %s on http://%s:%d", engine.model_path, args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="off")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="off", timeout_keep_alive=30)
     finally:
         engine.shutdown()
     return 0
