@@ -130,8 +130,10 @@ class EngineRouter:
     def _params(self, sampling: SamplingConfig | Mapping[str, Any]) -> dict[str, Any]:
         """Raw ``sampling_params`` of the next request (a base seed becomes the router's next seed)."""
         if isinstance(sampling, SamplingConfig):
-            return sampling.to_sglang(None if sampling.sampling_seed is None
-                                      else sampling.sampling_seed + next(self._seeds))
+            if sampling.sampling_seed is None:
+                return sampling.to_sglang(None)
+            seed, self._seeds = sampling.sampling_seed + self._seeds, self._seeds + 1  # the counter state_dict saves
+            return sampling.to_sglang(seed)
         return dict(sampling)
 
     async def broadcast(self, fn: Callable[[SGLangClient], Awaitable[Any]]) -> list[Any]:

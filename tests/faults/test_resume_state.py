@@ -24,6 +24,11 @@ class StubClient:
         return Sample(list(prompt_tokens), [1, 5], policy_version=0, group_index=group_index,
                       metadata=dict(metadata or {}))
 
+    async def generate_many(self, prompts, params, group_indices, metadata=None):
+        """The batched path (one /generate per engine per rollout batch): one record per row."""
+        return [await self.generate(p, sp, group_index=g, metadata=md)
+                for p, sp, g, md in zip(prompts, params, group_indices, metadata or [None] * len(prompts))]
+
     async def aclose(self):
         pass
 
