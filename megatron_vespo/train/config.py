@@ -53,7 +53,7 @@ class TrainConfig(Section):
     fuse_old_log_prob: bool = True
     """With recompute, update 1 runs on the weights the old log-probs are computed with, so its rows take them from
     update 1's own forward (ratio 1 there, as verl on-policy) instead of a separate forward; the other mini-batches
-    still get one before update 1. Not with routing R2 or loss.rollout_is (they need every old log-prob first)."""
+    still get one before update 1. Not with routing R2 or rollout-IS weights (they need every old log-prob first)."""
     train_iters: int = Field(1, ge=1)
     """Rollout steps the LR schedule spans (x N updates each)."""
     seed: int = 1234

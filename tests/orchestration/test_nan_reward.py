@@ -25,6 +25,12 @@ class Router:
     async def generate(self, tokens, sampling, group_index, metadata):
         return Sample(list(tokens), [1, 6], policy_version=0, group_index=group_index, metadata=dict(metadata))
 
+    async def generate_groups(self, prompts, sampling, n_samples_per_prompt, *, first_group=0, metadata=None,
+                              batched=True):
+        """EngineRouter.generate_groups: n samples per prompt, prompt-major, group = first_group + prompt index."""
+        return [await self.generate(p, sampling, first_group + g, (metadata or [{}] * len(prompts))[g] or {})
+                for g, p in enumerate(prompts) for _ in range(n_samples_per_prompt)]
+
 
 def dataset(n=8):
     return PromptDataset([Prompt(tokens=[7, i], label=1, index=i) for i in range(n)], seed=0)
