@@ -132,3 +132,19 @@ def _timeout_message(fn: Callable, timeout: float, outs: dict, errors: dict, pro
     if errors:
         msg += "\n" + "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
     return msg
+
+
+def tagged_pids(var: str, tag: str) -> list[int]:
+    """PIDs of live processes whose environment holds ``var=tag`` (children inherit it: a test's own processes)."""
+    from pathlib import Path
+
+    needle = f"{var}={tag}".encode()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if needle in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:  # gone, or not ours
+                continue
+    return pids

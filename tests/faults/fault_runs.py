@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from _dist import tagged_pids
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "configs" / "tiny_cpu_vespo.yaml"
 
@@ -39,16 +41,7 @@ def read_rows(out: Path) -> list[dict]:
 
 
 def _tagged_pids(tag: str) -> list[int]:
-    needle = f"MV_FAULT_TEST_TAG={tag}".encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if needle in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-    return pids
+    return tagged_pids("MV_FAULT_TEST_TAG", tag)
 
 
 def _end_tagged(tag: str) -> None:

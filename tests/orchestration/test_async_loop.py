@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _dist import tagged_pids
 
 from megatron_vespo.config.job import JobConfig
 from megatron_vespo.observability import read_metrics
@@ -40,16 +41,7 @@ def _env(tag: str) -> dict:
 
 
 def _tagged_pids(tag: str) -> list[int]:
-    needle = f"MV_ASYNC_TEST_TAG={tag}".encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if needle in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
-            except OSError:  # gone, or not ours
-                continue
-    return pids
+    return tagged_pids("MV_ASYNC_TEST_TAG", tag)
 
 
 def _assert_nothing_left(tag: str, within_s: float = 60.0) -> None:
