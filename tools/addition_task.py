@@ -35,6 +35,7 @@ import torch
 logger = logging.getLogger("addition_task")
 
 CHARS = list("0123456789+=")
+SCRATCH_CHARS = CHARS + [","]  # the scratchpad variant separates partial sums with commas
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 PAD, BOS, EOS = 0, 1, 2
 
@@ -46,12 +47,13 @@ MODEL_KW = dict(vocab_size=len(SPECIALS) + len(CHARS), hidden_size=128, intermed
                 rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
 
 
-def char_tokenizer():
-    """An HF fast tokenizer with one token per character of ``0-9 + =`` plus ``<pad> <bos> <eos>``."""
+def char_tokenizer(chars: list[str] = CHARS):
+    """An HF fast tokenizer with one token per character of ``chars`` (default ``0-9 + =``) plus
+    ``<pad> <bos> <eos>``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()

@@ -77,9 +77,13 @@ class Cell:
 
 
 def grid(losses: list[str], staleness: list[int], seeds: list[int], async_lags: list[int] = ()) -> list[Cell]:
-    """Every (loss, N, seed) cell, then the async cells (N = 1, each lag)."""
-    cells = [Cell(loss, n, s) for loss in losses for n in staleness for s in seeds]
-    cells += [Cell(loss, 1, s, "async", lag) for loss in losses for lag in async_lags for s in seeds]
+    """Every (loss, N, seed) cell and the async cells (N = 1, each lag), seed-major: all cells of
+    the first seed come first, so a sweep stopped part-way has whole rows of one seed, not three
+    seeds of a few losses."""
+    cells = []
+    for s in seeds:
+        cells += [Cell(loss, n, s) for n in staleness for loss in losses]
+        cells += [Cell(loss, 1, s, "async", lag) for lag in async_lags for loss in losses]
     return cells
 
 

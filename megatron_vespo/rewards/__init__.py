@@ -112,3 +112,25 @@ def _math_score(label: str, text: str, limit: Optional[int]) -> float:
     gold = mv.parse(label if label.startswith("$") else f"${label}$", parsing_timeout=limit)
     pred = mv.parse(text, parsing_timeout=limit)
     return float(bool(pred) and mv.verify(gold, pred, timeout_seconds=limit))
+
+
+@register_reward("scratchpad")
+def scratchpad_reward(sample: Sample, label: Any) -> float:
+    """Fraction of the scratchpad's characters written correctly (the staleness task, ``tools/staleness_task.py``).
+
+    ``label`` is the correct scratchpad, the comma-separated running sums (``"46,102,180"``). The
+    response text is compared character by character, position-wise, over the longer of the two
+    strings, so a missing or extra character costs one position and 1.0 means the whole
+    scratchpad, hence the final answer, is right. Dense on purpose: the 3.35M model starts with
+    the magnitudes right and most low digits wrong (about 4% exact answers after the warm-up), and
+    a per-field or exact-answer reward gave most groups no learning signal in calibration
+    (docs/results.md, "The staleness task").
+    """
+    text = sample.metadata.get("response_text", sample.metadata.get("text"))
+    if text is None:
+        raise ValueError("scratchpad reward needs the response text: sample.metadata['response_text'] or the "
+                         "engine's 'text' (serve a model with a tokenizer)")
+    want, got = str(label), str(text).strip()
+    if not want and not got:
+        return 1.0
+    return sum(g == w for g, w in zip(got, want)) / max(len(want), len(got))

@@ -15,6 +15,9 @@ from megatron_vespo.parallel.config import ParallelConfig
 
 __all__ = ["ParallelConfig", "TrainConfig"]
 
+MAX_STALENESS = 256
+"""Largest staleness N = rollout_batch_size / mini_batch_size accepted (the sweep studies N up to 256)."""
+
 
 class TrainConfig(Section):
     """Optimisation and the staleness schedule.
@@ -77,8 +80,9 @@ class TrainConfig(Section):
             raise ValueError(f"train.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
                              f"train.mini_batch_size ({self.mini_batch_size})")
         n = self.rollout_batch_size // self.mini_batch_size
-        if n > 64:
-            raise ValueError(f"staleness N = rollout_batch_size / mini_batch_size = {n} exceeds 64")
+        if n > MAX_STALENESS:
+            raise ValueError(f"staleness N = rollout_batch_size / mini_batch_size = {n} exceeds {MAX_STALENESS} "
+                             "(the largest staleness studied: docs/results.md)")
         if self.mini_batch_size % self.micro_batch_size:
             raise ValueError(f"train.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")

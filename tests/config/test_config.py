@@ -49,8 +49,8 @@ def test_bad_type_names_key():
 def test_cross_field_errors_name_fields():
     with pytest.raises(ConfigError, match="mini_batch_size"):
         load_config(JobConfig, None, ["train.rollout_batch_size=12", "train.mini_batch_size=8"])
-    with pytest.raises(ConfigError, match="exceeds 64"):
-        load_config(JobConfig, None, ["train.rollout_batch_size=1040", "train.mini_batch_size=8",
+    with pytest.raises(ConfigError, match="exceeds 256"):
+        load_config(JobConfig, None, ["train.rollout_batch_size=4104", "train.mini_batch_size=8",
                                       "rollout.n_samples_per_prompt=8"])
     with pytest.raises(ConfigError, match="return_routed_experts"):
         load_config(JobConfig, None, ["routing.mode=R3"])

@@ -109,3 +109,18 @@ def test_math_reward_works_off_the_main_thread():
     t.start()
     t.join(60)
     assert out == {"right": 1.0, "wrong": 0.0}
+
+
+def test_scratchpad_reward_scores_characters_position_wise():
+    """The staleness task's reward: characters right, over the longer of response and label."""
+    def score(text):
+        return get_reward("scratchpad")(Sample(prompt_tokens=[1], response_tokens=[2],
+                                               metadata={"response_text": text}), "46,102")
+
+    assert score("46,102") == 1.0 and score(" 46,102 ") == 1.0
+    assert score("46,103") == pytest.approx(5 / 6)
+    assert score("46,1023") == pytest.approx(6 / 7)  # an extra character costs a position
+    assert score("46") == pytest.approx(2 / 6) and score("") == 0.0
+    assert score("6,102") == pytest.approx(0 / 6)  # a dropped character shifts everything after it
+    with pytest.raises(ValueError, match="response_text"):
+        get_reward("scratchpad")(Sample(prompt_tokens=[1], response_tokens=[2]), "1")

@@ -39,6 +39,7 @@ def test_grid_and_ids_are_unique():
     cells = grid(["vespo", "grpo"], [1, 4], [0, 1], [1, 2])
     assert len(cells) == 2 * 2 * 2 + 2 * 2 * 2
     assert len({c.cell_id for c in cells}) == len(cells)
+    assert [c.seed for c in cells] == [0] * 8 + [1] * 8  # seed-major: a partial sweep has whole seeds
 
 
 def _rows():
