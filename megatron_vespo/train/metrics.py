@@ -91,5 +91,19 @@ def update_metrics(*, loss_name: str, loss_params: dict, loss_agg_mode: Optional
     nonempty = mask.sum(-1) > 0
     out["is/seq_log_w_mean"] = float(seq_log_w[nonempty].mean()) if bool(nonempty.any()) else 0.0
     out["is/seq_log_w_absmax"] = float(seq_log_w[nonempty].abs().max()) if bool(nonempty.any()) else 0.0
+    out["is/ess"] = normalized_ess(seq_log_w[nonempty])
     out["response_tokens"] = float(mask.sum())
     return out
+
+
+def normalized_ess(log_w: torch.Tensor) -> float:
+    """Kish's effective sample size over n, (sum W)^2 / (n sum W^2), of sequence weights given by
+    their logs [n] (computed in log space: W itself overflows at stale data); 1.0 for n = 0.
+
+    Loss-independent, so every loss's updates report how degenerate the sequence weights
+    pi / pi_old of the mini-batch are (VESPO also logs the ESS of its reshaped weights).
+    """
+    if log_w.numel() == 0:
+        return 1.0
+    lw = log_w.double()
+    return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)) / lw.numel())
