@@ -42,8 +42,8 @@ import torch
 from megatron_vespo.rollout.client import RolloutEngineError
 from megatron_vespo.weight_sync.channel import CollectiveThread, EngineChannel, wait_all
 from megatron_vespo.weight_sync.config import WeightSyncConfig
-from megatron_vespo.weight_sync.group import TrainerGroup, dtype_name, master_address_for, resolve_backend, with_last
-from megatron_vespo.weight_sync.tensor import aligned_order
+from megatron_vespo.weight_sync.group import TrainerGroup, master_address_for, resolve_backend, with_last
+from megatron_vespo.wire import aligned_order, dtype_name
 
 logger = logging.getLogger(__name__)
 
