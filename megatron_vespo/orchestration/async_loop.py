@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from functools import partial
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.config.base import ConfigError
@@ -34,6 +34,11 @@ from megatron_vespo.config.job import JobConfig
 from megatron_vespo.orchestration.async_buffer import lag_metrics
 from megatron_vespo.types import Sample, SampleStatus
 from megatron_vespo.utils.imports import require
+
+if TYPE_CHECKING:
+    from megatron_vespo.orchestration.setup import LoopSetup
+    from megatron_vespo.rollout.interfaces import Engines
+    from megatron_vespo.weight_sync.factory import EngineWeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +109,7 @@ class _PausedDiskLoad:
     requests hold it paused).
     """
 
-    def __init__(self, engines: Any, mode: str) -> None:
+    def __init__(self, engines: Engines, mode: str) -> None:
         self.engines, self.mode, self.run, self.paused_s = engines, mode, engines.run, 0.0
         self.router = self
 
@@ -120,7 +125,7 @@ class _PausedDiskLoad:
             self.paused_s = time.perf_counter() - t0
 
 
-def update_engines(setup: Any, engines: Any, version: int, pause_mode: str) -> dict[str, float]:
+def update_engines(setup: LoopSetup, engines: Optional[Engines], version: int, pause_mode: str) -> dict[str, float]:
     """Collective: put ``version`` into the engines with generation paused around the load (rank 0 pauses)."""
     from megatron_vespo.orchestration.setup import rank0_then_broadcast
 
@@ -225,7 +230,7 @@ def _publish_version(ray: Any, worker: Any, version: int) -> tuple[None, dict, N
     return None, ray.get(worker.state_dict.remote()), None
 
 
-def shutdown(ray: Any, worker: Any, engines: Any, sync: Any, ray_started: bool) -> None:
+def shutdown(ray: Any, worker: Any, engines: Optional[Engines], sync: EngineWeightSync, ray_started: bool) -> None:
     """Stop the worker (cancel its requests), kill its actor, close the weight sync, stop the engines and Ray.
 
     Every step runs even when an earlier one fails (and on Ctrl-C), so nothing is left running.

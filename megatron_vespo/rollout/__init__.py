@@ -7,6 +7,8 @@ experts every token was routed to. Modules:
 * ``client``: async SGLang HTTP client -> ``Sample`` (validation, flagging, retries); its
   weight-update endpoints are in ``weight_api`` and its errors in ``errors``.
 * ``router``: several engines (round robin / least outstanding).
+* ``interfaces``: the ``Router`` and ``Engines`` protocols that ``weight_sync/``, ``evaluation/`` and
+  the loops are typed with.
 * ``routes``: base64 int32 route codec -> compact uint8 tensors.
 * ``protocol``: request payloads and response parsing, pinned to an SGLang version.
 * ``sglang_server`` / ``process``: launch / attach / stop servers.

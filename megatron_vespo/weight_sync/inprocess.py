@@ -13,14 +13,17 @@ the ``/update_weights_from_tensor`` path of ``tensor.py``.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from megatron_vespo.weight_sync.group import with_last
 
+if TYPE_CHECKING:
+    from megatron_vespo.rollout.interfaces import Engines
 
-def in_process_engines(engines: Any) -> Optional[list[Any]]:
+
+def in_process_engines(engines: Optional[Engines]) -> Optional[list[Any]]:
     """The embedded engine objects behind ``engines`` when every one runs in this process, else None.
 
     Also None with more than one training rank: the export is collective and every rank must
