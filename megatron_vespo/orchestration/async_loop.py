@@ -32,7 +32,8 @@ from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.config.job import JobConfig
 from megatron_vespo.orchestration.async_buffer import lag_metrics
-from megatron_vespo.types import Sample, SampleStatus
+from megatron_vespo.orchestration.collect import sample_metrics
+from megatron_vespo.types import Sample
 from megatron_vespo.utils.imports import require
 
 if TYPE_CHECKING:
@@ -71,14 +72,9 @@ def init_ray(ray: Any, address: Optional[str], num_cpus: int) -> None:
         logger.info("started a local Ray with %d CPUs", num_cpus)
 
 
-def sample_metrics(samples: list[Sample]) -> dict[str, float]:
-    """Reward, length and truncation of the trained samples (the sync loop's keys)."""
-    rewards = [s.reward for s in samples]
-    return {"rollout/reward_mean": sum(rewards) / len(rewards), "rollout/reward_max": max(rewards),
-            "rollout/response_len_mean": sum(len(s.response_tokens) for s in samples) / len(samples),
-            "rollout/truncated_frac": sum(s.status == SampleStatus.TRUNCATED for s in samples) / len(samples),
-            "async/multi_version_frac": sum(len(s.metadata.get("weight_versions") or ()) > 1
-                                            for s in samples) / len(samples)}
+def multi_version_frac(samples: list[Sample]) -> float:
+    """Share of the samples whose generation spanned a weight update (more than one weight version)."""
+    return sum(len(s.metadata.get("weight_versions") or ()) > 1 for s in samples) / len(samples)
 
 
 def overlap_metrics(before: dict, after: dict) -> dict[str, float]:
@@ -215,7 +211,8 @@ def _pull(ray: Any, worker: Any, n_groups: int, version: int, max_lag: int) -> t
 
     groups, metrics = pull_groups(ray, worker, n_groups, version)
     samples = [x for g in groups for x in g]
-    metrics.update({**lag_metrics(groups, version, max_lag), **sample_metrics(samples)})
+    metrics.update({**lag_metrics(groups, version, max_lag), **sample_metrics(samples),
+                    "async/multi_version_frac": multi_version_frac(samples)})
     return collate(samples), None, (metrics, ray.get(worker.stats.remote()))
 
 
