@@ -17,7 +17,8 @@ B = train.rollout_batch_size / rollout.n_samples_per_prompt groups per batch, L 
 its policy lag is the trainer's version when the batch is taken minus that tag, never more
 than L (``async_buffer``). Per-rollout metrics add the lag histogram, stale drops, buffer
 fill, generation throughput, the time the trainer waited for data and how much of the
-training time the engines were generating (``async/overlap_frac``).
+training time the engines were generating (``async/overlap_frac``: per engine, the time a
+generate request was outstanding there, averaged over engines; docs/orchestration.md).
 """
 
 from __future__ import annotations
@@ -78,10 +79,20 @@ def multi_version_frac(samples: list[Sample]) -> float:
 
 
 def overlap_metrics(before: dict, after: dict) -> dict[str, float]:
-    """From two worker ``stats`` snapshots bracketing a training step: how much generation overlapped it."""
-    busy = after["busy_s"] - before["busy_s"]
-    return {"async/gen_busy_during_train_s": busy,
-            "async/overlap_frac": busy / max(after["clock_s"] - before["clock_s"], 1e-9),
+    """From two worker ``stats`` snapshots bracketing a training step: how much generation overlapped it.
+
+    ``async/gen_busy_during_train_s``: seconds each engine had a generate request of the worker
+    outstanding between the snapshots, averaged over engines; ``async/overlap_frac``: that over the
+    seconds between the snapshots (1.0 = every engine generated all through the step; NaN when the
+    router measures no busy time). See docs/orchestration.md.
+    """
+    wall = max(after["clock_s"] - before["clock_s"], 1e-9)
+    b, a = before.get("engine_busy_s") or [], after.get("engine_busy_s") or []
+    if not a or len(a) != len(b):
+        gen = float("nan")
+    else:
+        gen = sum(x - y for x, y in zip(a, b)) / len(a)
+    return {"async/gen_busy_during_train_s": gen, "async/overlap_frac": gen / wall,
             "async/samples_generated_during_train": after["samples"] - before["samples"]}
 
 

@@ -28,3 +28,75 @@ def test_both_loops_use_the_one_sample_metrics():
     assert async_loop.sample_metrics is collect.sample_metrics
     samples = [_sample(1.0, 3, versions=["1", "2"]), _sample(0.0, 3, version=2)]
     assert async_loop.multi_version_frac(samples) == 0.5
+
+
+# ---------------------------------------------------------------- engine busy time (async/overlap_frac)
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class _HeldClient:
+    """Engine client stand-in: a batched /generate that answers when the test releases it."""
+
+    def __init__(self, url):
+        self.url, self.outstanding, self.release = url, 0, None
+
+    async def generate_many(self, prompts, params, *, group_indices, metadata):
+        import asyncio
+
+        self.release = asyncio.Event()
+        await self.release.wait()
+        return [Sample(prompt_tokens=list(p), response_tokens=[7], group_index=g)
+                for p, g in zip(prompts, group_indices)]
+
+
+def test_engine_busy_time_counts_overlapping_requests_once_per_engine():
+    from megatron_vespo.rollout.router import EngineBusyTime
+
+    clock = _Clock()
+    busy = EngineBusyTime(2, clock=clock)
+    with busy.during(0):
+        clock.t = 1.0
+        with busy.during(0):  # a second request on the same engine: the engine is no busier
+            clock.t = 3.0
+        assert busy.totals() == [3.0, 0.0]  # the open interval counts
+        clock.t = 4.0
+    clock.t = 10.0  # idle: nothing accrues
+    with busy.during(1):
+        clock.t = 12.0
+    assert busy.totals() == [4.0, 2.0]
+
+
+def test_overlap_frac_is_engine_generating_time_not_groups_in_flight():
+    """Two engines, one group: only the engine holding the request is busy, so a step it spans
+    entirely reads 0.5 (the old metric, 'any group in flight', read 1.0); the time before the
+    request is sent (a group admitted but waiting) is not counted."""
+    import asyncio
+
+    from megatron_vespo.rollout.router import EngineRouter
+
+    async def scenario():
+        clock = _Clock()
+        clients = [_HeldClient("http://e0"), _HeldClient("http://e1")]
+        router = EngineRouter(clients)
+        router.busy = type(router.busy)(2, clock=clock)
+        before = {"engine_busy_s": router.busy.totals(), "clock_s": clock.t, "samples": 0}
+        clock.t = 1.0  # the group waits 1 s before its request is sent
+        task = asyncio.ensure_future(router.generate_groups([[1, 2]], {"max_new_tokens": 1}, 2))
+        while clients[0].release is None:
+            await asyncio.sleep(0)
+        clock.t = 4.0  # engine 0 generates for 3 s
+        clients[0].release.set()
+        samples = await task
+        after = {"engine_busy_s": router.busy.totals(), "clock_s": clock.t, "samples": len(samples)}
+        return before, after, clients
+
+    before, after, clients = asyncio.run(scenario())
+    assert clients[1].release is None  # the whole group went to one engine
+    m = async_loop.overlap_metrics(before, after)
+    assert m == {"async/gen_busy_during_train_s": 1.5, "async/overlap_frac": 0.375,
+                 "async/samples_generated_during_train": 2}
