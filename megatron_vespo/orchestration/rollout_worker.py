@@ -237,9 +237,9 @@ class RolloutWorker:
         worker was outstanding there (``EngineRouter.busy``; empty for a router without it);
         ``clock_s`` is the same clock, so two snapshots give each engine's busy fraction between them."""
         c: dict[str, Any] = dict(self.counters)
-        busy = getattr(self.router, "busy", None)
+        busy, now = getattr(self.router, "busy", None), time.perf_counter()  # EngineBusyTime's clock
         c.update(buffered=len(self.buffer), inflight=len(self._inflight),
-                 engine_busy_s=busy.totals() if busy is not None else [], clock_s=time.perf_counter())
+                 engine_busy_s=busy.totals(now) if busy is not None else [], clock_s=now)
         return c
 
     async def stats(self) -> dict[str, float]:

@@ -57,9 +57,13 @@ class EngineBusyTime:
             if self._open[engine] == 0:
                 self._total[engine] += self._clock() - self._since[engine]
 
-    def totals(self) -> list[float]:
-        """Busy seconds per engine so far, the open interval of a busy engine included."""
-        now = self._clock()
+    def totals(self, now: Optional[float] = None) -> list[float]:
+        """Busy seconds per engine up to ``now`` (default: the clock now), a busy engine's open interval included.
+
+        A caller that also reports the clock passes the same reading, so busy time between two
+        snapshots never exceeds the clock time between them.
+        """
+        now = self._clock() if now is None else now
         return [t + (now - s if n else 0.0) for t, s, n in zip(self._total, self._since, self._open)]
 
 

@@ -69,6 +69,9 @@ def test_engine_busy_time_counts_overlapping_requests_once_per_engine():
     with busy.during(1):
         clock.t = 12.0
     assert busy.totals() == [4.0, 2.0]
+    with busy.during(0):
+        clock.t = 13.0
+        assert busy.totals(now=12.5) == [4.5, 2.0]  # one clock reading for the snapshot and its clock_s
 
 
 def test_overlap_frac_is_engine_generating_time_not_groups_in_flight():
