@@ -80,7 +80,7 @@ class LoopEvaluator:
 
     def _save_best(self, model: Any, iteration: int, metrics: dict[str, float]) -> None:
         """Collective HF export of the actor to ``best_policy`` (written as ``best_policy.new``, then swapped)."""
-        from megatron_vespo.checkpoint.mcore_io import save_hf_checkpoint
+        from megatron_vespo.checkpoint.hf_dir import save_hf_checkpoint
 
         final, new, old = (self.out / name for name in ("best_policy", "best_policy.new", "best_policy.old"))
         if self.rank0:

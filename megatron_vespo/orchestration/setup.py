@@ -30,7 +30,7 @@ from megatron_vespo.utils.interrupt import raise_if_interrupted
 from megatron_vespo.utils.io import atomic_path
 
 if TYPE_CHECKING:
-    from megatron_vespo.checkpoint.manager import Checkpointer
+    from megatron_vespo.checkpoint.checkpointer import Checkpointer
     from megatron_vespo.data import PromptDataset
     from megatron_vespo.evaluation.loop import LoopEvaluator
     from megatron_vespo.observability import MetricsLogger
@@ -192,7 +192,7 @@ class LoopSetup:
 
 def prepare_loop(job: JobConfig) -> LoopSetup:
     """Collective: build the actor, resume, data set, reward and weight sync (engines not started yet)."""
-    from megatron_vespo.checkpoint.manager import Checkpointer
+    from megatron_vespo.checkpoint.checkpointer import Checkpointer
     from megatron_vespo.data import PromptDataset
     from megatron_vespo.rewards import get_reward
     from megatron_vespo.train.actor import MegatronActor
@@ -212,7 +212,7 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
-        from megatron_vespo.checkpoint.trainer_ckpt import remove_leftovers
+        from megatron_vespo.checkpoint.training import remove_leftovers
 
         for d in (out, out / "weights"):  # what a killed run's atomic writes left (weight exports: model-sized)
             remove_leftovers(d)

@@ -47,7 +47,7 @@ def push_in_process(model: Any, version: int, local: Sequence[Any], clients: Seq
     The last bucket tags ``version``; the clients learn it as after an HTTP update. Raises
     RuntimeError naming the engine's message when a bucket is refused.
     """
-    from megatron_vespo.checkpoint.export import iter_hf_weights
+    from megatron_vespo.checkpoint.hf_weights import iter_hf_weights
 
     t0, nbytes, nbuckets = time.perf_counter(), 0, 0
     buckets = iter_hf_weights(model, dims, bucket_bytes=cfg.bucket_bytes, dtype=cfg.dtype)

@@ -83,7 +83,7 @@ class TensorWeightSync:
 
     def __init__(self, hf_cfg: Any, cfg: Optional[WeightSyncConfig] = None, *, engine_tp_size: int = 1,
                  device: Optional[torch.device] = None) -> None:
-        from megatron_vespo.checkpoint.export import as_dims
+        from megatron_vespo.checkpoint.hf_weights import as_dims
 
         self.dims, self.cfg, self.tp = as_dims(hf_cfg), cfg or WeightSyncConfig(), int(engine_tp_size)
         if self.tp < 1:
@@ -128,7 +128,7 @@ class TensorWeightSync:
 
         Raises RuntimeError on every rank when an engine rejects a bucket.
         """
-        from megatron_vespo.checkpoint.export import iter_hf_weights
+        from megatron_vespo.checkpoint.hf_weights import iter_hf_weights
 
         rank, world = _rank_world()
         error = None

@@ -30,7 +30,7 @@ def _cfg(**kw):
 
 def _expected(model, hf_cfg):
     """What an FP8 engine serves: the export quantised per block and dequantised (bf16 for the rest)."""
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.fp8.blockwise import dequantize_named_tensors, quantize_named_tensors
 
     ref = export_hf_state_dict(model, hf_cfg)
@@ -44,7 +44,7 @@ def _mismatch(engine, expected):
 
 
 def _scenario(tmp):
-    from megatron_vespo.checkpoint.mcore_io import save_hf_checkpoint
+    from megatron_vespo.checkpoint.hf_dir import save_hf_checkpoint
     from megatron_vespo.rollout.client import RolloutEngineError, SGLangClient
     from megatron_vespo.rollout.embedded.server import start_embedded_server
     from megatron_vespo.weight_sync.distributed import DistributedWeightSync

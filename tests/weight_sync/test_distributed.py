@@ -33,7 +33,7 @@ def _cfg(**kw):
 
 
 def _one_rank(rank, world):
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.rollout.client import SGLangClient
     from megatron_vespo.rollout.embedded.server import start_embedded_server
     from megatron_vespo.weight_sync.distributed import DistributedWeightSync
@@ -180,7 +180,7 @@ def test_flattened_bucket_and_tensor_paths(one_rank):
 
 
 def _two_ranks(rank, world):
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.rollout.client import RolloutEngineError, SGLangClient
     from megatron_vespo.rollout.embedded.server import start_embedded_server
     from megatron_vespo.weight_sync.distributed import DistributedWeightSync

@@ -26,7 +26,7 @@ def one_rank():
 
 
 def test_in_process_engine_gets_the_tensors_without_http(one_rank, monkeypatch):
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.rollout.client import SGLangClient
     from megatron_vespo.rollout.embedded.server import start_embedded_server
     from megatron_vespo.rollout.router import EngineRouter
@@ -59,7 +59,7 @@ def test_in_process_engine_gets_the_tensors_without_http(one_rank, monkeypatch):
         assert run(client.weight_version()) == "5" and client.policy_version == 5
         # a refused bucket (wrong shape) raises with the engine's message
         bad = [("model.norm.weight", torch.zeros(3))]
-        monkeypatch.setattr("megatron_vespo.checkpoint.export.iter_hf_weights", lambda *a, **k: iter([bad]))
+        monkeypatch.setattr("megatron_vespo.checkpoint.hf_weights.iter_hf_weights", lambda *a, **k: iter([bad]))
         with pytest.raises(RuntimeError, match="shape mismatch"):
             sync.update(model, 6, engines)
         assert run(client.weight_version()) == "5"
