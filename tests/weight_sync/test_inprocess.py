@@ -1,6 +1,5 @@
 """loop.weight_sync=tensor with the embedded engine in this process: tensors copied in place, no HTTP."""
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -12,17 +11,8 @@ pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def one_rank():
-    from megatron_vespo.train.parallel import destroy_parallel
-
-    created = not torch.distributed.is_initialized()
-    env = dict(os.environ)
-    try:
-        yield build_model()
-    finally:
-        destroy_parallel(destroy_process_group=created)
-        os.environ.clear()
-        os.environ.update(env)
+def one_rank(parallel_teardown_module):
+    return build_model()  # torn down after the module by the shared fixture (tests/conftest.py)
 
 
 def test_in_process_engine_gets_the_tensors_without_http(one_rank, monkeypatch):
