@@ -218,16 +218,15 @@ class SGLangClient(WeightUpdateEndpoints):
     # ---------------------------------------------------------------- control
     async def health(self) -> bool:
         """True when ``GET /health`` answers 200 (no retries)."""
-        try:
-            await self.request("GET", "/health", retry=False)
-        except RolloutEngineError:
-            return False
-        return True
+        return await self._answers("/health")
 
     async def health_generate(self) -> bool:
         """True when ``GET /health_generate`` (runs a 1-token generation) answers 200."""
+        return await self._answers("/health_generate")
+
+    async def _answers(self, path: str) -> bool:
         try:
-            await self.request("GET", "/health_generate", retry=False)
+            await self.request("GET", path, retry=False)
         except RolloutEngineError:
             return False
         return True
@@ -244,21 +243,20 @@ class SGLangClient(WeightUpdateEndpoints):
 
     async def model_info(self) -> dict:
         """``/model_info`` (sglang >= 0.5.x), falling back to the older ``/get_model_info``."""
-        try:
-            return await self.request("GET", "/model_info")
-        except EngineHTTPError as exc:
-            if exc.status_code != 404:
-                raise
-            return await self.request("GET", "/get_model_info")
+        return await self._get_or_legacy("/model_info", "/get_model_info")
 
     async def server_info(self) -> dict:
         """``/server_info`` with fallback to ``/get_server_info``."""
+        return await self._get_or_legacy("/server_info", "/get_server_info")
+
+    async def _get_or_legacy(self, path: str, legacy: str) -> Any:
+        """``GET path``; on 404 (an older server) ``GET legacy``."""
         try:
-            return await self.request("GET", "/server_info")
+            return await self.request("GET", path)
         except EngineHTTPError as exc:
             if exc.status_code != 404:
                 raise
-            return await self.request("GET", "/get_server_info")
+            return await self.request("GET", legacy)
 
     async def weight_version(self) -> str:
         """The engine's current weight version string (``model_info["weight_version"]``)."""

@@ -50,14 +50,22 @@ class WeightUpdateEndpoints:
                                        load_format: Optional[str] = None, abort_all_requests: bool = False,
                                        flush_cache: bool = True) -> dict:
         """Load new weights from an HF checkpoint directory and tag them ``policy_version``."""
-        body: dict[str, Any] = {"model_path": str(model_path), "weight_version": str(int(policy_version)),
-                                "abort_all_requests": abort_all_requests, "flush_cache": flush_cache}
+        body = {"model_path": str(model_path), "abort_all_requests": abort_all_requests, "flush_cache": flush_cache}
+        return await self._post_update("/update_weights_from_disk", body, int(policy_version), load_format)
+
+    async def _post_update(self, path: str, body: dict[str, Any], policy_version: Optional[int],
+                           load_format: Optional[str]) -> dict:
+        """POST a weight update (no retry: it is not idempotent); raise unless the engine reports
+        success; a given ``policy_version`` becomes the engine's weight version (and ours)."""
+        if policy_version is not None:
+            body["weight_version"] = str(int(policy_version))
         if load_format is not None:
             body["load_format"] = load_format
-        result = await self.request("POST", "/update_weights_from_disk", json=body, retry=False)
+        result = await self.request("POST", path, json=body, retry=False)
         if not result.get("success", False):
-            raise RolloutEngineError(f"{self.url}/update_weights_from_disk failed: {result.get('message')}")
-        self.policy_version = int(policy_version)
+            raise RolloutEngineError(f"{self.url}{path} failed: {result.get('message')}")
+        if policy_version is not None:
+            self.policy_version = int(policy_version)
         return result
 
     async def update_weight_version(self, policy_version: int, abort_all_requests: bool = False) -> None:
@@ -84,18 +92,9 @@ class WeightUpdateEndpoints:
         uint8 broadcast. sglang >= 0.5.21 refuses it outside ``begin_weight_update`` /
         ``end_weight_update`` (see ``weight_update_window``).
         """
-        body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
-                                "flush_cache": flush_cache}
-        if policy_version is not None:
-            body["weight_version"] = str(int(policy_version))
-        if load_format is not None:
-            body["load_format"] = load_format
-        result = await self.request("POST", "/update_weights_from_distributed", retry=False, json=body)
-        if not result.get("success", False):
-            raise RolloutEngineError(f"{self.url}/update_weights_from_distributed failed: {result.get('message')}")
-        if policy_version is not None:
-            self.policy_version = int(policy_version)
-        return result
+        body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+                "flush_cache": flush_cache}
+        return await self._post_update("/update_weights_from_distributed", body, policy_version, load_format)
 
     async def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
         """Leave the weight-broadcast group (``/destroy_weights_update_group``)."""
@@ -108,17 +107,8 @@ class WeightUpdateEndpoints:
         ``MultiprocessingSerializer`` and base64-encoded by the caller (one string per engine TP
         rank). ``policy_version=None`` leaves the engine's weight version unchanged. Needs an open
         ``weight_update_window`` on sglang >= 0.5.21."""
-        body: dict[str, Any] = {"serialized_named_tensors": serialized_named_tensors, "flush_cache": flush_cache}
-        if policy_version is not None:
-            body["weight_version"] = str(int(policy_version))
-        if load_format is not None:
-            body["load_format"] = load_format
-        result = await self.request("POST", "/update_weights_from_tensor", json=body, retry=False)
-        if not result.get("success", False):
-            raise RolloutEngineError(f"{self.url}/update_weights_from_tensor failed: {result.get('message')}")
-        if policy_version is not None:
-            self.policy_version = int(policy_version)
-        return result
+        body = {"serialized_named_tensors": serialized_named_tensors, "flush_cache": flush_cache}
+        return await self._post_update("/update_weights_from_tensor", body, policy_version, load_format)
 
     async def begin_weight_update(self, selector: str = "all") -> bool:
         """Open the engine's weight-update window (``/begin_weight_update``, sglang >= 0.5.21).
