@@ -55,8 +55,13 @@ def parallel_teardown():
 def parallel_teardown_module():
     """As ``parallel_teardown``, once after the whole module (its tests share one layout).
 
-    Use it with ``pytestmark = [..., pytest.mark.usefixtures("parallel_teardown_module")]``.
+    Use it with ``pytestmark = [..., pytest.mark.usefixtures("parallel_teardown_module")]``, or
+    request it from a module fixture that builds the model. The environment is restored too
+    (a launcher-style init may set ``RANK`` / ``MASTER_PORT``, which later subprocesses would inherit).
     """
     pytest.importorskip("megatron.core")
+    env = dict(os.environ)
     yield
     _destroy_parallel()
+    os.environ.clear()
+    os.environ.update(env)

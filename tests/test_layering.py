@@ -19,11 +19,12 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "megatron_vespo"
 
 #: the low-level packages: they may import only each other (and only as their rows say)
-LOW = {"types", "utils", "compat", "config", "parallel", "losses"}
+LOW = {"types", "wire", "utils", "compat", "config", "parallel", "losses"}
 
 ALLOWED: dict[str, set[str]] = {
     # low level
     "types": set(),
+    "wire": set(),  # the weight-bucket wire format spoken by weight_sync/ (sender) and rollout/ (engine)
     "utils": set(),
     "compat": {"utils"},
     "config": {"utils"},  # config.base; config.job / config.cli are entry points
@@ -39,9 +40,9 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"config", "parallel", "types", "utils"},
     "checkpoint": {"compat", "config", "fp8", "models", "parallel", "types", "utils"},
     "train": {"compat", "config", "fp8", "losses", "models", "parallel", "routing", "types", "utils"},
-    "rollout": {"config", "fp8", "models", "types", "utils"},  # fp8: the engine serves block-FP8 exports
+    "rollout": {"config", "fp8", "models", "types", "utils", "wire"},  # fp8: the engine serves block-FP8 exports
     # weight sync drives the engines through the rollout client, so it sits above rollout
-    "weight_sync": {"checkpoint", "config", "fp8", "models", "parallel", "rollout", "types", "utils"},
+    "weight_sync": {"checkpoint", "config", "fp8", "models", "parallel", "rollout", "types", "utils", "wire"},
     "evaluation": {"checkpoint", "config", "data", "models", "rewards", "rollout", "types", "utils"},
     "plan": {"checkpoint", "compat", "config", "fp8", "models", "parallel", "types", "utils"},
     "evidence": {"buffer", "losses", "models", "rewards", "types", "utils"},
@@ -53,14 +54,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 #: known violations, each with the reason it is still there and what removes it. Keep this short.
-EXCEPTIONS = {
-    # The embedded engine (the CPU stand-in for SGLang) decodes the trainer's bucket wire format
-    # (dtype names, flattened-bucket offsets) with weight_sync's own parse_dtype /
-    # reconstruct_flattened. Fix: move both into a neutral low-level module (e.g.
-    # megatron_vespo/wire.py) imported by rollout/ and weight_sync/; left for when the
-    # weight_sync/ work in flight has merged (issue 12).
-    ("megatron_vespo.rollout.embedded.weight_update", "weight_sync"),
-}
+EXCEPTIONS: set[tuple[str, str]] = set()
 
 ENTRY_POINTS = {"megatron_vespo.cli", "megatron_vespo.config.job"}
 

@@ -69,7 +69,7 @@ def rollout(actor: Any, mode: str, seed: int, tmp: Path, dtype: str = "float32")
     ``fp8w`` (the block-FP8 export: FP8 weights), ``fp8`` (also activations quantised per 1 x block
     token group, as SGLang's dynamic scheme does)."""
     from megatron_vespo.buffer.batch import collate
-    from megatron_vespo.checkpoint.mcore_io import save_hf_checkpoint
+    from megatron_vespo.checkpoint.hf_dir import save_hf_checkpoint
     from megatron_vespo.fp8.blockwise import BlockFP8Format
     from megatron_vespo.fp8.emulate import emulate_activations_
     from megatron_vespo.rollout.client import SGLangClient

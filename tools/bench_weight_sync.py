@@ -129,7 +129,7 @@ def start_stand_in() -> tuple[Any, Any]:
 
 def export_only(model, hf_cfg, cfg) -> tuple[float, int]:
     """(seconds, HF tensors) of iterating the export alone, packing each bucket as the flat path does."""
-    from megatron_vespo.checkpoint.export import iter_hf_weights
+    from megatron_vespo.checkpoint.hf_weights import iter_hf_weights
     from megatron_vespo.weight_sync.distributed import DistributedWeightSync
 
     sync, n = DistributedWeightSync(hf_cfg, cfg), 0
@@ -143,7 +143,7 @@ def export_only(model, hf_cfg, cfg) -> tuple[float, int]:
 
 def ep_gathers_per_sync(size: str, ep: int) -> tuple[int, int]:
     """(EP all-gathers per sync now, with one per local expert as before) for ``size`` at EP ``ep``."""
-    from megatron_vespo.checkpoint.export import ShardLayout, _plan, as_dims
+    from megatron_vespo.checkpoint.hf_weights import ShardLayout, _plan, as_dims
     from megatron_vespo.models.config import ModelConfig
     from megatron_vespo.models.qwen3_moe import get_hf_config
 
@@ -156,7 +156,7 @@ def ep_gathers_per_sync(size: str, ep: int) -> tuple[int, int]:
 def bench_size(size: str, repeats: int, bucket_mb: float, threads: int, dtype: str | None = None,
                paths: tuple = PATHS) -> dict:
     """Time every path for one model size; returns medians, ratios, bytes/s vs the link and the log-prob check."""
-    from megatron_vespo.checkpoint.mcore_io import save_hf_checkpoint
+    from megatron_vespo.checkpoint.hf_dir import save_hf_checkpoint
     from megatron_vespo.rollout.client import SGLangClient
     from megatron_vespo.rollout.embedded.server import start_embedded_server
     from megatron_vespo.weight_sync import DiskWeightSync, WeightSyncConfig

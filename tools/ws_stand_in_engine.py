@@ -61,8 +61,7 @@ class State:
         _world.pg_group_ranks[self.pg] = {i: i for i in range(world)}
 
     def receive(self, body: dict) -> None:
-        from megatron_vespo.weight_sync.group import parse_dtype
-        from megatron_vespo.weight_sync.tensor import reconstruct_flattened
+        from megatron_vespo.wire import parse_dtype, reconstruct_flattened
 
         if self.pg is None:  # NCCL's lazy communicator: formed by the first collective, here
             self.connect()

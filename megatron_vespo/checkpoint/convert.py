@@ -24,18 +24,21 @@ from typing import Any, Iterator, Optional
 import torch
 
 from megatron_vespo.checkpoint import dist
-from megatron_vespo.checkpoint.export import load_hf_weights, unwrap_model
-from megatron_vespo.checkpoint.hf_io import HFCheckpointReader, hf_dims
-from megatron_vespo.checkpoint.mapping import Qwen3MoeDims
-from megatron_vespo.checkpoint.mcore_io import (
-    HF_SUBDIR,
-    checkpoint_hf_config,
+from megatron_vespo.checkpoint.hf_dir import (
+    HFCheckpointReader,
     config_dtype,
     dtype_name,
-    load_model_checkpoint,
+    hf_dims,
     parse_dtype,
-    read_checkpoint_meta,
     save_hf_checkpoint,
+)
+from megatron_vespo.checkpoint.hf_weights import load_hf_weights, unwrap_model
+from megatron_vespo.checkpoint.mapping import Qwen3MoeDims
+from megatron_vespo.checkpoint.model_ckpt import (
+    HF_SUBDIR,
+    checkpoint_hf_config,
+    load_model_checkpoint,
+    read_checkpoint_meta,
     save_model_checkpoint,
 )
 
@@ -142,7 +145,7 @@ def _verifier(model: Any, dims: Qwen3MoeDims, tolerance: float, report: dict, *,
     def verify(tmp: Path) -> None:
         subject = model
         if next(unwrap_model(model).parameters()).dtype != torch.float32:
-            from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint
+            from megatron_vespo.checkpoint.model_ckpt import load_model_checkpoint
             from megatron_vespo.models.config import ModelConfig
             from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config
 
@@ -185,7 +188,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, ep: int = 1, pp: int 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     """A model checkpoint directory, a training ``iter_*`` directory, or a training save dir (-> latest)."""
-    from megatron_vespo.checkpoint.trainer_ckpt import latest_iteration_dir
+    from megatron_vespo.checkpoint.training import latest_iteration_dir
 
     path = Path(path)
     if not path.is_dir():

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def hf_policy_dir(policy: str, workdir: Path) -> str:
     """An HF directory holding ``policy``: itself, or a conversion of a Megatron checkpoint into ``workdir``."""
-    from megatron_vespo.checkpoint.manager import classify_checkpoint
+    from megatron_vespo.checkpoint.checkpointer import classify_checkpoint
 
     kind = classify_checkpoint(policy)
     if kind == "hf":

@@ -18,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from megatron_vespo.data import Prompt
 from megatron_vespo.evaluation.config import EvalConfig
 from megatron_vespo.rewards import RewardFn
 from megatron_vespo.rollout.config import SamplingConfig
 from megatron_vespo.types import Sample
+
+if TYPE_CHECKING:
+    from megatron_vespo.rollout.interfaces import Router
 
 logger = logging.getLogger(__name__)
 HELD_OUT_SEED_OFFSET = 7919  # synthetic held-out split: data.seed + this
@@ -66,7 +69,7 @@ def _score(samples: list[Sample], prompts: list[Prompt], reward_fn: RewardFn) ->
     return per_prompt
 
 
-async def _generate(router: Any, prompts: list[Prompt], sampling: SamplingConfig, k: int, seed: int) -> list[Sample]:
+async def _generate(router: Router, prompts: list[Prompt], sampling: SamplingConfig, k: int, seed: int) -> list[Sample]:
     """k responses per prompt with explicit per-request seeds (``seed * 1_000_003 + i``).
 
     Explicit seeds, not the router's running counter: the counter advances with every rollout, so
@@ -77,7 +80,7 @@ async def _generate(router: Any, prompts: list[Prompt], sampling: SamplingConfig
     return list(await asyncio.gather(*tasks))
 
 
-async def evaluate(router: Any, prompts: list[Prompt], reward_fn: RewardFn, cfg: EvalConfig,
+async def evaluate(router: Router, prompts: list[Prompt], reward_fn: RewardFn, cfg: EvalConfig,
                    max_new_tokens: int) -> dict[str, float]:
     """Generate and score ``cfg.k`` sampled (and one greedy) responses per prompt; returns ``eval/*`` metrics."""
     if not prompts:

@@ -15,11 +15,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from megatron_vespo.evaluation.core import evaluate, load_eval_prompts, primary_metric
+
+if TYPE_CHECKING:
+    from megatron_vespo.rollout.interfaces import Engines
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class LoopEvaluator:
         """The best score so far (saved with checkpoints, so a resumed run keeps comparing against it)."""
         return dict(self.best)
 
-    def maybe_evaluate(self, iteration: int, engines: Any, model: Any) -> dict[str, float]:
+    def maybe_evaluate(self, iteration: int, engines: Optional[Engines], model: Any) -> dict[str, float]:
         """Collective: evaluate if due; returns the ``eval/*`` metrics (empty when not due)."""
         if not self.due(iteration):
             return {}
@@ -77,7 +80,7 @@ class LoopEvaluator:
 
     def _save_best(self, model: Any, iteration: int, metrics: dict[str, float]) -> None:
         """Collective HF export of the actor to ``best_policy`` (written as ``best_policy.new``, then swapped)."""
-        from megatron_vespo.checkpoint.mcore_io import save_hf_checkpoint
+        from megatron_vespo.checkpoint.hf_dir import save_hf_checkpoint
 
         final, new, old = (self.out / name for name in ("best_policy", "best_policy.new", "best_policy.old"))
         if self.rank0:

@@ -36,37 +36,46 @@ RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 class FP8Config(Section):
     """Megatron-Core FP8 settings (``TransformerConfig`` names); ``fp8: null`` disables FP8.
 
-    Recipes (``fp8_recipe``):
+    Recipes (``fp8_recipe``) and the hardware they need:
 
-    * ``delayed``: per-tensor scales from an amax history (``fp8_amax_history_len``,
-      ``fp8_amax_compute_algo``, ``fp8_margin``); Ada/Hopper (sm89+). Megatron's default.
+    * ``delayed``: per-tensor scales from an amax history; Ada/Hopper (sm89+). Megatron's default.
     * ``tensorwise``: per-tensor scales from the current tensor (current scaling); sm89+.
     * ``blockwise``: 1x128 / 128x128 block scales (DeepSeek-V3 style, what SGLang's FP8
       block-quantised checkpoints use); Hopper sm90+ with CUDA >= 12.9; on Blackwell TE
       >= 2.9 emulates it with MXFP8 (power-of-two scales).
     * ``mxfp8``: 32-element blocks with E8M0 scales; Blackwell only (sm100, sm103).
 
-    The amax fields only affect ``delayed``. ``fp8_wgrad: false`` keeps weight-gradient GEMMs
-    in BF16. ``first_last_layers_bf16`` keeps the first ``num_layers_at_start_in_bf16`` and last
-    ``num_layers_at_end_in_bf16`` transformer layers in BF16 (embedding, output layer and MoE
-    routers never run in FP8 in Megatron: they are not Transformer Engine GEMMs).
-
-    ``emulate: true`` runs the recipe as quantise-dequantise on the local (non-TE) spec instead
-    (CPU, CI, studies; ``fp8/emulate.py``): no Transformer Engine, no GPU, no FP8 parameters.
+    Embedding, output layer and MoE routers never run in FP8 in Megatron (they are not
+    Transformer Engine GEMMs).
     """
 
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 format (Megatron-LM ``--fp8-format``): e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients);
+    null turns FP8 training off."""
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """Scaling recipe: delayed, tensorwise, blockwise or mxfp8 (see the class docstring for the hardware)."""
     fp8_margin: int = Field(0, ge=0)
+    """Delayed scaling: the scale leaves 2**margin headroom below the FP8 maximum."""
     fp8_amax_history_len: int = Field(1024, ge=1)
+    """Delayed scaling: steps of amax history the scale is computed from."""
     fp8_amax_compute_algo: Literal["most_recent", "max"] = "max"
+    """Delayed scaling: the amax of the history to use (its maximum, or the most recent value)."""
     fp8_wgrad: bool = True
+    """Run the weight-gradient GEMMs in FP8 too (false keeps them in BF16)."""
     fp8_param_gather: bool = False
+    """Keep parameters in FP8 and all-gather them in FP8 (Megatron-LM ``--fp8-param-gather``; sets
+    ``TransformerConfig.fp8_param`` and DDP's ``fp8_param_gather``); needs ``fp8``."""
     reuse_grad_buf_for_mxfp8_param_ag: bool = False
+    """MXFP8 parameter all-gather through the gradient buffer (saves memory); needs mxfp8 and fp8_param_gather."""
     first_last_layers_bf16: bool = False
+    """Keep the first and last transformer layers in BF16 (counts below); not with the delayed recipe."""
     num_layers_at_start_in_bf16: int = Field(1, ge=0)
+    """With first_last_layers_bf16: transformer layers kept in BF16 at the start."""
     num_layers_at_end_in_bf16: int = Field(1, ge=0)
+    """With first_last_layers_bf16: transformer layers kept in BF16 at the end."""
     emulate: bool = False
+    """Run the recipe as quantise-dequantise on the local (non-TE) spec (CPU, CI, studies; ``fp8/emulate.py``):
+    no Transformer Engine, no GPU, no FP8 parameters; not with the delayed recipe."""
 
     @property
     def enabled(self) -> bool:

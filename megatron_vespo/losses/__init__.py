@@ -30,6 +30,7 @@ from megatron_vespo.losses.registry import (
     compute_policy_loss,
     get_loss,
     loss_denominator,
+    mini_batch_denominator,
     register_loss,
     unregister_loss,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "get_loss",
     "local_denominator",
     "loss_denominator",
+    "mini_batch_denominator",
     "register_loss",
     "unregister_loss",
 ]

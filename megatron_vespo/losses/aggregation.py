@@ -137,6 +137,21 @@ def local_denominator(mask: torch.Tensor, mode: str) -> float:
     return float((valid.sum(dim=-1) > 0).sum().item())
 
 
+def whole_batch_denominator(mask: torch.Tensor, mode: str) -> float:
+    """D of the table for a mini-batch held whole (every rank has all its rows), floored at 1.
+
+    The counting modes give :func:`local_denominator` of the whole mask (already the sum over its
+    micro-batches and DP shards). ``seq-mean-token-sum-norm`` gets its constant: the longest
+    response in the mini-batch (verl's padded length T of a batch trimmed to its longest row), so
+    every micro-batch divides by the same number.
+    """
+    check_agg_mode(mode, "mode")
+    if mode == "seq-mean-token-sum-norm":
+        longest = int(_as_bool_mask(mask).sum(dim=-1).max()) if mask.numel() else 0
+        return float(max(longest, 1))
+    return max(local_denominator(mask, mode), 1.0)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over true entries of ``mask`` (0 when there are none)."""
     valid = _as_bool_mask(mask)

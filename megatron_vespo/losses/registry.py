@@ -13,6 +13,9 @@ How a loss reduces to a scalar (``LossSpec.reduction``) decides what the micro-b
 * ``rows``: one loss per sequence, mean over all B rows (GMPO, as verl's ``torch.mean``); D = rows.
 * ``groups``: mean over prompt groups of the mean over their non-empty rows (GEPO); D = groups
   with at least one non-empty row. Groups must never be split between micro-batches.
+
+A trainer holding the whole mini-batch calls :func:`mini_batch_denominator` once instead (it
+also gives ``seq-mean-token-sum-norm`` its constant D, which is no count).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from megatron_vespo.losses.aggregation import Denominator, check_agg_mode, local_denominator
+from megatron_vespo.losses.aggregation import Denominator, check_agg_mode, local_denominator, whole_batch_denominator
 from megatron_vespo.losses.inputs import PolicyLossInput, build_input
 from megatron_vespo.losses.metrics import to_floats
 
@@ -225,3 +228,22 @@ def loss_denominator(
     gi = torch.as_tensor(group_index)
     nonempty = (response_mask != 0).any(dim=-1) if response_mask.dtype != torch.bool else response_mask.any(dim=-1)
     return float(torch.unique(gi.to(nonempty.device)[nonempty]).numel())
+
+
+def mini_batch_denominator(
+    name: str,
+    response_mask: torch.Tensor,
+    *,
+    loss_agg_mode: Optional[str] = None,
+    group_index: Union[torch.Tensor, Sequence[int], None] = None,
+) -> float:
+    """``global_denominator`` of loss ``name`` for a whole mini-batch ``response_mask`` [M, T], floored at 1.
+
+    For a trainer that holds every row of the mini-batch on every rank: the per-micro-batch
+    shares of :func:`loss_denominator` summed in one call, and for ``seq-mean-token-sum-norm``
+    (no additive count) the fixed length of :func:`aggregation.whole_batch_denominator`.
+    """
+    spec = get_loss(name)
+    if spec.reduction == "agg":
+        return whole_batch_denominator(response_mask, spec.resolve_agg_mode(loss_agg_mode))
+    return max(loss_denominator(name, response_mask, loss_agg_mode=loss_agg_mode, group_index=group_index), 1.0)

@@ -17,7 +17,8 @@ B = train.rollout_batch_size / rollout.n_samples_per_prompt groups per batch, L 
 its policy lag is the trainer's version when the batch is taken minus that tag, never more
 than L (``async_buffer``). Per-rollout metrics add the lag histogram, stale drops, buffer
 fill, generation throughput, the time the trainer waited for data and how much of the
-training time the engines were generating (``async/overlap_frac``).
+training time the engines were generating (``async/overlap_frac``: per engine, the time a
+generate request was outstanding there, averaged over engines; docs/orchestration.md).
 """
 
 from __future__ import annotations
@@ -26,14 +27,20 @@ import logging
 import os
 import time
 from functools import partial
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.config.job import JobConfig
 from megatron_vespo.orchestration.async_buffer import lag_metrics
-from megatron_vespo.types import Sample, SampleStatus
+from megatron_vespo.orchestration.collect import sample_metrics
+from megatron_vespo.types import Sample
 from megatron_vespo.utils.imports import require
+
+if TYPE_CHECKING:
+    from megatron_vespo.orchestration.setup import LoopSetup
+    from megatron_vespo.rollout.interfaces import Engines
+    from megatron_vespo.weight_sync.factory import EngineWeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +73,26 @@ def init_ray(ray: Any, address: Optional[str], num_cpus: int) -> None:
         logger.info("started a local Ray with %d CPUs", num_cpus)
 
 
-def sample_metrics(samples: list[Sample]) -> dict[str, float]:
-    """Reward, length and truncation of the trained samples (the sync loop's keys)."""
-    rewards = [s.reward for s in samples]
-    return {"rollout/reward_mean": sum(rewards) / len(rewards), "rollout/reward_max": max(rewards),
-            "rollout/response_len_mean": sum(len(s.response_tokens) for s in samples) / len(samples),
-            "rollout/truncated_frac": sum(s.status == SampleStatus.TRUNCATED for s in samples) / len(samples),
-            "async/multi_version_frac": sum(len(s.metadata.get("weight_versions") or ()) > 1
-                                            for s in samples) / len(samples)}
+def multi_version_frac(samples: list[Sample]) -> float:
+    """Share of the samples whose generation spanned a weight update (more than one weight version)."""
+    return sum(len(s.metadata.get("weight_versions") or ()) > 1 for s in samples) / len(samples)
 
 
 def overlap_metrics(before: dict, after: dict) -> dict[str, float]:
-    """From two worker ``stats`` snapshots bracketing a training step: how much generation overlapped it."""
-    busy = after["busy_s"] - before["busy_s"]
-    return {"async/gen_busy_during_train_s": busy,
-            "async/overlap_frac": busy / max(after["clock_s"] - before["clock_s"], 1e-9),
+    """From two worker ``stats`` snapshots bracketing a training step: how much generation overlapped it.
+
+    ``async/gen_busy_during_train_s``: seconds each engine had a generate request of the worker
+    outstanding between the snapshots, averaged over engines; ``async/overlap_frac``: that over the
+    seconds between the snapshots (1.0 = every engine generated all through the step; NaN when the
+    router measures no busy time). See docs/orchestration.md.
+    """
+    wall = max(after["clock_s"] - before["clock_s"], 1e-9)
+    b, a = before.get("engine_busy_s") or [], after.get("engine_busy_s") or []
+    if not a or len(a) != len(b):
+        gen = float("nan")
+    else:
+        gen = sum(x - y for x, y in zip(a, b)) / len(a)
+    return {"async/gen_busy_during_train_s": gen, "async/overlap_frac": gen / wall,
             "async/samples_generated_during_train": after["samples"] - before["samples"]}
 
 
@@ -104,7 +116,7 @@ class _PausedDiskLoad:
     requests hold it paused).
     """
 
-    def __init__(self, engines: Any, mode: str) -> None:
+    def __init__(self, engines: Engines, mode: str) -> None:
         self.engines, self.mode, self.run, self.paused_s = engines, mode, engines.run, 0.0
         self.router = self
 
@@ -120,7 +132,7 @@ class _PausedDiskLoad:
             self.paused_s = time.perf_counter() - t0
 
 
-def update_engines(setup: Any, engines: Any, version: int, pause_mode: str) -> dict[str, float]:
+def update_engines(setup: LoopSetup, engines: Optional[Engines], version: int, pause_mode: str) -> dict[str, float]:
     """Collective: put ``version`` into the engines with generation paused around the load (rank 0 pauses)."""
     from megatron_vespo.orchestration.setup import rank0_then_broadcast
 
@@ -210,7 +222,8 @@ def _pull(ray: Any, worker: Any, n_groups: int, version: int, max_lag: int) -> t
 
     groups, metrics = pull_groups(ray, worker, n_groups, version)
     samples = [x for g in groups for x in g]
-    metrics.update({**lag_metrics(groups, version, max_lag), **sample_metrics(samples)})
+    metrics.update({**lag_metrics(groups, version, max_lag), **sample_metrics(samples),
+                    "async/multi_version_frac": multi_version_frac(samples)})
     return collate(samples), None, (metrics, ray.get(worker.stats.remote()))
 
 
@@ -225,7 +238,7 @@ def _publish_version(ray: Any, worker: Any, version: int) -> tuple[None, dict, N
     return None, ray.get(worker.state_dict.remote()), None
 
 
-def shutdown(ray: Any, worker: Any, engines: Any, sync: Any, ray_started: bool) -> None:
+def shutdown(ray: Any, worker: Any, engines: Optional[Engines], sync: EngineWeightSync, ray_started: bool) -> None:
     """Stop the worker (cancel its requests), kill its actor, close the weight sync, stop the engines and Ray.
 
     Every step runs even when an earlier one fails (and on Ctrl-C), so nothing is left running.

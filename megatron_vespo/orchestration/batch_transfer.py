@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from megatron_vespo.routing.compact import RouteRows, encode_routes
 from megatron_vespo.types import TrainBatch
+
+if TYPE_CHECKING:
+    from megatron_vespo.train.interfaces import Actor
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class BatchLayout:
     replica_group: Any = None
 
     @classmethod
-    def from_actor(cls, actor: Any) -> "BatchLayout":
+    def from_actor(cls, actor: Actor) -> "BatchLayout":
         """The layout of a ``MegatronActor``'s Megatron parallel state."""
         from megatron.core import parallel_state as ps
 

@@ -18,7 +18,7 @@ from megatron_vespo.data import Prompt, PromptDataset
 from megatron_vespo.rewards import RewardFn, score_samples
 from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.rollout.router import EngineRouter
-from megatron_vespo.types import Sample
+from megatron_vespo.types import Sample, SampleStatus
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,25 @@ async def _generate(router: EngineRouter, prompts: list[Prompt], cfg: RolloutCon
     return await router.generate_groups([p.tokens for p in prompts], cfg.sampling, cfg.n_samples_per_prompt,
                                         first_group=first_group, batched=cfg.batch_requests,
                                         metadata=[{"label": p.label, "prompt_index": p.index} for p in prompts])
+
+
+def sample_metrics(samples: list[Sample]) -> dict[str, float]:
+    """Reward, response length, truncation and policy versions of the samples a step trains on.
+
+    Shared by both loops (so ``rollout/*`` means the same in sync and async runs): a sample counts
+    as truncated when its status is ``SampleStatus.TRUNCATED`` (it hit ``max_new_tokens``).
+    """
+    if not samples:
+        raise ValueError("sample_metrics needs at least one sample")
+    n, rewards = len(samples), [s.reward for s in samples]
+    return {
+        "rollout/reward_mean": sum(rewards) / n,
+        "rollout/reward_max": max(rewards),
+        "rollout/response_len_mean": sum(len(s.response_tokens) for s in samples) / n,
+        "rollout/truncated_frac": sum(s.status == SampleStatus.TRUNCATED for s in samples) / n,
+        "rollout/sample_version_min": float(min(s.policy_version for s in samples)),
+        "rollout/sample_version_max": float(max(s.policy_version for s in samples)),
+    }
 
 
 def collect_rollout(router: EngineRouter, run: Callable, dataset: PromptDataset, cfg: RolloutConfig,
@@ -73,17 +92,11 @@ def collect_rollout(router: EngineRouter, run: Callable, dataset: PromptDataset,
     kept = kept[:rollout_batch_size]
     elapsed = time.perf_counter() - t0
     resp_tokens = sum(len(s.response_tokens) for s in kept)
-    rewards = [s.reward for s in kept]
     metrics = {
-        "rollout/reward_mean": sum(rewards) / len(rewards),
-        "rollout/reward_max": max(rewards),
-        "rollout/response_len_mean": resp_tokens / len(kept),
+        **sample_metrics(kept),
         "rollout/samples_generated": float(generated),
         "rollout/samples_dropped": float(dropped),
         "rollout/reward_nonfinite": float(nonfinite),
-        "rollout/truncated_frac": sum(s.status.value == "truncated" for s in kept) / len(kept),
-        "rollout/sample_version_min": float(min(s.policy_version for s in kept)),
-        "rollout/sample_version_max": float(max(s.policy_version for s in kept)),
         "time/rollout_s": elapsed,
         "rollout/tokens_per_s": resp_tokens / max(elapsed, 1e-9),
     }

@@ -92,8 +92,7 @@ class RolloutWorker:
         self._error: Optional[str] = None
         self._stopping = False
         self.counters = {"samples": 0, "tokens": 0, "groups": 0, "flagged_samples": 0, "aborted_groups": 0,
-                         "stale_samples": 0, "reward_nonfinite": 0, "busy_s": 0.0}
-        self._busy_since: Optional[float] = None
+                         "stale_samples": 0, "reward_nonfinite": 0}
         self._last_take = time.perf_counter()
         self._last_counters = dict(self.counters)
 
@@ -133,8 +132,6 @@ class RolloutWorker:
 
     def _launch(self, prompt: Prompt) -> None:
         gid = next(self._gids)
-        if not self._inflight:
-            self._busy_since = time.perf_counter()
         self.gate.on_started()
         self._inflight[gid] = (prompt, asyncio.create_task(self._group(gid, prompt)))
 
@@ -153,9 +150,6 @@ class RolloutWorker:
             self._error = f"{type(exc).__name__}: {exc}"
         finally:
             self._inflight.pop(gid, None)
-            if not self._inflight and self._busy_since is not None:
-                self.counters["busy_s"] += time.perf_counter() - self._busy_since
-                self._busy_since = None
             self._wake.set()
             self._data.set()
 
@@ -239,12 +233,13 @@ class RolloutWorker:
         self._wake.set()
 
     def stats_now(self) -> dict[str, float]:
-        """Cumulative counters; ``busy_s`` (time with a group in flight) includes the open interval;
-        ``clock_s`` is this process's clock, so two snapshots give the busy fraction between them."""
-        c = dict(self.counters)
-        if self._busy_since is not None:
-            c["busy_s"] += time.perf_counter() - self._busy_since
-        c.update(buffered=len(self.buffer), inflight=len(self._inflight), clock_s=time.perf_counter())
+        """Cumulative counters; ``engine_busy_s``: per engine, the seconds a generate request of this
+        worker was outstanding there (``EngineRouter.busy``; empty for a router without it);
+        ``clock_s`` is the same clock, so two snapshots give each engine's busy fraction between them."""
+        c: dict[str, Any] = dict(self.counters)
+        busy, now = getattr(self.router, "busy", None), time.perf_counter()  # EngineBusyTime's clock
+        c.update(buffered=len(self.buffer), inflight=len(self._inflight),
+                 engine_busy_s=busy.totals(now) if busy is not None else [], clock_s=now)
         return c
 
     async def stats(self) -> dict[str, float]:

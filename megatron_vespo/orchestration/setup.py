@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -28,6 +28,16 @@ from megatron_vespo.config.base import ConfigError, dump_config
 from megatron_vespo.config.job import JobConfig
 from megatron_vespo.utils.interrupt import raise_if_interrupted
 from megatron_vespo.utils.io import atomic_path
+
+if TYPE_CHECKING:
+    from megatron_vespo.checkpoint.checkpointer import Checkpointer
+    from megatron_vespo.data import PromptDataset
+    from megatron_vespo.evaluation.loop import LoopEvaluator
+    from megatron_vespo.observability import MetricsLogger
+    from megatron_vespo.orchestration.engines import RolloutEngines
+    from megatron_vespo.rewards import RewardFn
+    from megatron_vespo.train.interfaces import Actor
+    from megatron_vespo.weight_sync.factory import EngineWeightSync
 
 __all__ = ["LoopSetup", "broadcast_from_rank0", "load_tokenizer", "prepare_loop", "raise_if_interrupted",
            "rank0_then_broadcast", "run_on_rank0"]
@@ -55,7 +65,7 @@ def run_on_rank0(rank0: bool, fn: Callable[[], T], what: str) -> tuple[Optional[
 
 
 def rank0_then_broadcast(rank0: bool, fn: Callable[[], tuple[Any, Optional[dict], Any]], what: str, *,
-                         actor: Any = None, error: Optional[str] = None) -> tuple[Any, dict, Any]:
+                         actor: Optional[Actor] = None, error: Optional[str] = None) -> tuple[Any, dict, Any]:
     """Collective: rank 0 runs ``fn() -> (batch, data_state, local)``; every rank gets the batch and data state.
 
     When ``fn`` fails its error is raised on every rank (:func:`run_on_rank0`,
@@ -71,7 +81,7 @@ def rank0_then_broadcast(rank0: bool, fn: Callable[[], tuple[Any, Optional[dict]
     return batch, data_state, local
 
 
-def broadcast_from_rank0(batch: Any, data_state: Optional[dict], error: Optional[str], *, actor: Any = None,
+def broadcast_from_rank0(batch: Any, data_state: Optional[dict], error: Optional[str], *, actor: Optional[Actor] = None,
                          layout: Any = None) -> tuple[Any, dict]:
     """Send rank 0's batch and data position (or its error) to every rank; raise everywhere if rank 0 failed.
 
@@ -102,24 +112,24 @@ class LoopSetup:
 
     job: JobConfig
     out: Path
-    actor: Any
-    ckpt: Any
+    actor: Actor
+    ckpt: Checkpointer
     state: Optional[dict]
     start: int
     version: int
-    dataset: Any
-    reward_fn: Any
-    sync: Any
+    dataset: PromptDataset
+    reward_fn: RewardFn
+    sync: EngineWeightSync
     serve_path: str
     rank0: bool
-    evaluator: Any = None
+    evaluator: Optional[LoopEvaluator] = None
 
     @property
     def data_state(self) -> dict:
         """The data position saved with the resumed checkpoint (empty on a fresh start)."""
         return dict((self.state or {}).get("data") or {})
 
-    def start_engines(self, embedded_mode: Optional[str] = None) -> Any:
+    def start_engines(self, embedded_mode: Optional[str] = None) -> Optional[RolloutEngines]:
         """Rank 0: start (or attach to) the rollout engines on ``serve_path``, tagged with the current version.
 
         None on other ranks.
@@ -140,7 +150,7 @@ class LoopSetup:
         engines.run(engines.router.broadcast(lambda c: c.update_weight_version(version)))
         return engines
 
-    def metrics_logger(self) -> Any:
+    def metrics_logger(self) -> MetricsLogger:
         """``metrics.jsonl`` (+ wandb) writer, enabled on rank 0."""
         from megatron_vespo.observability import MetricsLogger
 
@@ -150,7 +160,7 @@ class LoopSetup:
                              config_dump=self.job.model_dump(mode="json"),
                              start_step=self.start * self.job.train.staleness)
 
-    def log_iteration(self, mlog: Any, it: int, version: int, updates: list[dict], metrics: dict,
+    def log_iteration(self, mlog: MetricsLogger, it: int, version: int, updates: list[dict], metrics: dict,
                       train_s: float, iteration_s: float) -> dict[str, float]:
         """Log one row per optimizer update and the rollout's summary row (shared by both loops); return it."""
         staleness = self.job.train.staleness
@@ -182,7 +192,7 @@ class LoopSetup:
 
 def prepare_loop(job: JobConfig) -> LoopSetup:
     """Collective: build the actor, resume, data set, reward and weight sync (engines not started yet)."""
-    from megatron_vespo.checkpoint.manager import Checkpointer
+    from megatron_vespo.checkpoint.checkpointer import Checkpointer
     from megatron_vespo.data import PromptDataset
     from megatron_vespo.rewards import get_reward
     from megatron_vespo.train.actor import MegatronActor
@@ -202,7 +212,7 @@ def prepare_loop(job: JobConfig) -> LoopSetup:
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
-        from megatron_vespo.checkpoint.trainer_ckpt import remove_leftovers
+        from megatron_vespo.checkpoint.training import remove_leftovers
 
         for d in (out, out / "weights"):  # what a killed run's atomic writes left (weight exports: model-sized)
             remove_leftovers(d)

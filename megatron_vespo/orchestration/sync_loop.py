@@ -20,10 +20,16 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING
 
 from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.config.job import JobConfig
+
+if TYPE_CHECKING:
+    from megatron_vespo.data import PromptDataset
+    from megatron_vespo.rewards import RewardFn
+    from megatron_vespo.rollout.interfaces import Engines
+    from megatron_vespo.types import TrainBatch
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +75,8 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
     return history
 
 
-def _rollout(engines: Any, dataset: Any, job: JobConfig, reward_fn: Any) -> tuple[Any, dict, dict]:
+def _rollout(engines: Engines, dataset: PromptDataset, job: JobConfig,
+             reward_fn: RewardFn) -> tuple[TrainBatch, dict, dict]:
     """Rank 0: one rollout batch -> (collated batch, data position after it, rollout metrics)."""
     from megatron_vespo.buffer import collate
     from megatron_vespo.orchestration.collect import collect_rollout

@@ -11,9 +11,9 @@ megatron-core's ``RankGenerator`` (the generator ``initialize_model_parallel`` u
 
 On the built shards the HF mapping runs as in a real job:
 
-* export: ``checkpoint.export.iter_hf_weights`` on rank 0's shard (its TP/EP all-gathers run on
+* export: ``checkpoint.hf_weights.iter_hf_weights`` on rank 0's shard (its TP/EP all-gathers run on
   the fake group; meta tensors keep the shapes), giving every HF name, shape and bucket;
-* import: ``checkpoint.export.load_hf_weights`` on every shard with a reader serving meta tensors
+* import: ``checkpoint.hf_weights.load_hf_weights`` on every shard with a reader serving meta tensors
   of the checkpoint index, recording which HF tensors each rank consumes.
 
 The fake group echoes a rank's own object for ``all_gather_object``; the two mapping calls that
@@ -131,19 +131,19 @@ def fake_rank(parallel: Any, rank: int, world_size: int) -> Iterator[None]:
 @contextlib.contextmanager
 def _gather_from_shards(shard_of: dict[int, Shard]) -> Iterator[None]:
     """Make the mapping's object all-gathers return every rank's own answer (see module docstring)."""
-    from megatron_vespo.checkpoint import export
+    from megatron_vespo.checkpoint import hf_weights
 
     def gather(obj: Any, group: Any = None) -> list:
         ranks = torch.distributed.get_process_group_ranks(group) if group is not None else sorted(shard_of)
         names = [shard_of[r].names for r in ranks]
         return [sorted(n) if isinstance(obj, list) else set(n) for n in names]
 
-    saved = export._all_gather_object
-    export._all_gather_object = gather
+    saved = hf_weights._all_gather_object
+    hf_weights._all_gather_object = gather
     try:
         yield
     finally:
-        export._all_gather_object = saved
+        hf_weights._all_gather_object = saved
 
 
 @contextlib.contextmanager
@@ -180,7 +180,7 @@ class _MetaReader:
 
 
 def _shard_layout(coords: tuple, parallel: Any) -> Any:
-    from megatron_vespo.checkpoint.export import ShardLayout
+    from megatron_vespo.checkpoint.hf_weights import ShardLayout
 
     tp, pp, ep, etp = coords
     return ShardLayout(tp_rank=tp, tp_size=parallel.tensor_model_parallel_size, etp_rank=etp,
@@ -202,7 +202,7 @@ def build_shards(hf_cfg: Any, parallel: Any, world_size: int, *, params_dtype: s
     ``TransformerConfig`` fields (the job's ``model.transformer_overrides``). Needs a process
     without an initialised ``torch.distributed`` (the fake group takes its place).
     """
-    from megatron_vespo.checkpoint.export import as_dims, iter_hf_weights, load_hf_weights, local_params
+    from megatron_vespo.checkpoint.hf_weights import as_dims, iter_hf_weights, load_hf_weights, local_params
     from megatron_vespo.compat.cpu import apply_cpu_compat
     from megatron_vespo.models.qwen3_moe import build_gpt_model
     from megatron_vespo.plan.hf_index import hf_checkpoint_index

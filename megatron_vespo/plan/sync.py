@@ -1,6 +1,6 @@
 """The weight-sync plan: buckets, bytes, collectives and HTTP calls per sync, and its time at a bandwidth.
 
-The buckets are the ones ``checkpoint.export.iter_hf_weights`` produced on the meta shards with
+The buckets are the ones ``checkpoint.hf_weights.iter_hf_weights`` produced on the meta shards with
 the job's ``weight_sync.bucket_mb`` and ``weight_sync.dtype`` (``plan.shards``), so their count
 and sizes are the real ones. Per path (``weight_sync.kind``, see docs/weight_sync.md):
 

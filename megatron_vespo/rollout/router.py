@@ -5,12 +5,18 @@ process, ties broken round-robin). It is enough for a handful of data-parallel e
 by one controller. For many engines, several controllers or cache-aware routing, run SGLang's
 own router (``python -m sglang_router.launch_router --worker-urls URL1 URL2 ...``) and point one
 ``SGLangClient`` at it; keep weight updates going to each engine directly.
+
+``EngineRouter.busy`` (:class:`EngineBusyTime`) accumulates, per engine, the time at least one of
+this router's generate requests was outstanding there: the client-side measure of how long each
+engine generated for us (the async loop's ``async/overlap_frac``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from typing import Any, Awaitable, Callable, Literal, Mapping, Optional, Sequence
 
 from megatron_vespo.rollout.client import SGLangClient
@@ -21,6 +27,44 @@ from megatron_vespo.types import Sample
 logger = logging.getLogger(__name__)
 
 Policy = Literal["round_robin", "least_outstanding"]
+
+
+class EngineBusyTime:
+    """Per engine: cumulative seconds with at least one generate request outstanding.
+
+    Overlapping requests on one engine count once (the engine serves them in one batch); a
+    request counts from the moment it is sent until its answer arrives, so time a caller spends
+    waiting before sending (admission, the client's concurrency limit) does not. ``clock`` is
+    injectable for tests.
+    """
+
+    def __init__(self, num_engines: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._open = [0] * num_engines
+        self._since = [0.0] * num_engines
+        self._total = [0.0] * num_engines
+
+    @contextlib.contextmanager
+    def during(self, engine: int) -> Any:
+        """``with busy.during(e):`` around one request to engine ``e``."""
+        if self._open[engine] == 0:
+            self._since[engine] = self._clock()
+        self._open[engine] += 1
+        try:
+            yield
+        finally:
+            self._open[engine] -= 1
+            if self._open[engine] == 0:
+                self._total[engine] += self._clock() - self._since[engine]
+
+    def totals(self, now: Optional[float] = None) -> list[float]:
+        """Busy seconds per engine up to ``now`` (default: the clock now), a busy engine's open interval included.
+
+        A caller that also reports the clock passes the same reading, so busy time between two
+        snapshots never exceeds the clock time between them.
+        """
+        now = self._clock() if now is None else now
+        return [t + (now - s if n else 0.0) for t, s, n in zip(self._total, self._since, self._open)]
 
 
 class EngineRouter:
@@ -35,6 +79,7 @@ class EngineRouter:
         self.policy = policy
         self._rr = 0  # requests routed so far (round-robin position)
         self._seeds = 0  # per-request seeds handed out so far (see ``generate``)
+        self.busy = EngineBusyTime(len(self.clients))
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig, urls: Sequence[str],
@@ -83,7 +128,12 @@ class EngineRouter:
         if isinstance(sampling, SamplingConfig) and sampling.sampling_seed is not None:
             seed, self._seeds = sampling.sampling_seed + self._seeds, self._seeds + 1
             sampling = sampling.to_sglang(seed)
-        return await self.pick().generate(prompt_tokens, sampling, **kwargs)
+        return await self._on(self.pick(), lambda c: c.generate(prompt_tokens, sampling, **kwargs))
+
+    async def _on(self, client: SGLangClient, call: Callable[[SGLangClient], Awaitable[Any]]) -> Any:
+        """``call(client)``, counted in ``busy`` for that engine."""
+        with self.busy.during(self.clients.index(client)):
+            return await call(client)
 
     async def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | Mapping[str, Any],
                              n_samples_per_prompt: int = 1) -> list[Sample]:
@@ -110,7 +160,8 @@ class EngineRouter:
         params = [self._params(sampling) for _ in rows]
         if not batched:
             return list(await asyncio.gather(*(
-                self.pick().generate(p, sp, group_index=g, metadata=md) for (g, p, md), sp in zip(rows, params))))
+                self._on(self.pick(), lambda c, p=p, sp=sp, g=g, md=md: c.generate(p, sp, group_index=g, metadata=md))
+                for (g, p, md), sp in zip(rows, params))))
         # deal whole groups: engine e gets groups e, e + E, ... starting from the least loaded engine
         order = sorted(range(len(self.clients)), key=lambda i: (self.clients[i].outstanding, i))
         shares: dict[int, list[int]] = {}
@@ -119,9 +170,10 @@ class EngineRouter:
         results: list[Optional[Sample]] = [None] * len(rows)
 
         async def one(engine: int, idx: list[int]) -> None:
-            out = await self.clients[engine].generate_many(
-                [rows[i][1] for i in idx], [params[i] for i in idx], group_indices=[rows[i][0] for i in idx],
-                metadata=[rows[i][2] for i in idx])
+            with self.busy.during(engine):
+                out = await self.clients[engine].generate_many(
+                    [rows[i][1] for i in idx], [params[i] for i in idx], group_indices=[rows[i][0] for i in idx],
+                    metadata=[rows[i][2] for i in idx])
             for i, sample in zip(idx, out):
                 results[i] = sample
         await asyncio.gather(*(one(e, idx) for e, idx in shares.items()))

@@ -14,4 +14,5 @@ once (recording R2 routes), then runs N = rollout_batch / mini_batch updates wit
 * ``metrics``: gathering per-rank results into batch tensors and update metrics.
 * ``mismatch``: train/inference mismatch diagnostics (log-prob gap, routing drift).
 * ``synthetic``: synthetic batches for tests and benchmarks (no rollout engine).
+* ``interfaces``: the ``Actor`` protocol, what the loops use of the actor (their signatures take it).
 """

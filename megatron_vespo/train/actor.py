@@ -39,7 +39,7 @@ from megatron_vespo.config.base import ConfigError
 from megatron_vespo.fp8.config import FP8Config
 from megatron_vespo.fp8.emulate import emulate_fp8
 from megatron_vespo.fp8.te import check_fp8_job, fp8_alignment, fp8_overrides, fp8_summary
-from megatron_vespo.losses import compute_policy_loss, compute_rollout_is_weights, get_loss, loss_denominator
+from megatron_vespo.losses import compute_policy_loss, compute_rollout_is_weights, get_loss, mini_batch_denominator
 from megatron_vespo.losses.config import LossConfig
 from megatron_vespo.models.config import ModelConfig
 from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config, moe_layer_pattern
@@ -130,10 +130,12 @@ class MegatronActor:
     # ------------------------------------------------------------------ helpers
     def _micro_batches(self, batch: TrainBatch, rows: torch.Tensor, micro_batch_size: int,
                        old_log_prob: Optional[torch.Tensor] = None,
-                       routes: Optional[torch.Tensor] = None) -> list[batching.MicroBatch]:
+                       routes: Optional[torch.Tensor] = None,
+                       is_weights: Optional[torch.Tensor] = None) -> list[batching.MicroBatch]:
         return batching.rank_micro_batches(
             batch, rows, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size, micro_batch_size=micro_batch_size,
-            seq_multiple=self.seq_multiple, device=self.info.device, old_log_prob=old_log_prob, routes=routes)
+            seq_multiple=self.seq_multiple, device=self.info.device, old_log_prob=old_log_prob, routes=routes,
+            is_weights=is_weights)
 
     def validate_batch(self, batch: TrainBatch) -> None:
         """Raise ValueError naming the field when ``train_on_rollout`` cannot train on ``batch``.
@@ -279,15 +281,6 @@ class MegatronActor:
         return routing_agreement(counts.cpu(), self.hf_cfg.num_experts_per_tok)
 
     # ------------------------------------------------------------------ one optimizer update
-    def _denominator(self, mask: torch.Tensor, group_index: Optional[torch.Tensor]) -> float:
-        spec = get_loss(self.loss_cfg.name)
-        mode = spec.resolve_agg_mode(self.loss_cfg.loss_agg_mode)
-        if mode == "seq-mean-token-sum-norm":
-            return float(max(int(mask.sum(-1).max()), 1))  # fixed length: the longest response
-        d = loss_denominator(self.loss_cfg.name, mask, loss_agg_mode=self.loss_cfg.loss_agg_mode,
-                             group_index=group_index)
-        return max(d, 1.0)
-
     def _update(self, batch: TrainBatch, rows: torch.Tensor, old: torch.Tensor, mask: torch.Tensor,
                 is_weights: Optional[torch.Tensor], routes: Optional[torch.Tensor],
                 fused_old: bool = False) -> dict[str, float]:
@@ -298,11 +291,10 @@ class MegatronActor:
         """
         tc, lc = self.train_cfg, self.loss_cfg
         t0 = time.perf_counter()
-        # rollout_log_probs carries the TIS/MIS weights into the micro-batch slices
         sub = TrainBatch(tokens=batch.tokens, loss_mask=mask, attention_lengths=batch.attention_lengths,
-                         advantages=batch.advantages, rollout_log_probs=is_weights, routed_experts=routes,
-                         group_index=batch.group_index)
-        mbs = self._micro_batches(sub, rows, tc.micro_batch_size, old_log_prob=old, routes=routes)
+                         advantages=batch.advantages, routed_experts=routes, group_index=batch.group_index)
+        mbs = self._micro_batches(sub, rows, tc.micro_batch_size, old_log_prob=old, routes=routes,
+                                  is_weights=is_weights)
         spec = get_loss(lc.name)
         if spec.reduction == "groups":
             all_mbs = []
@@ -312,7 +304,7 @@ class MegatronActor:
                                                        micro_batch_size=tc.micro_batch_size)
             batching.check_groups_whole(batch.group_index, all_mbs, lc.name)
         gi = None if batch.group_index is None else batch.group_index[rows]
-        denom = self._denominator(mask[rows], gi)
+        denom = mini_batch_denominator(lc.name, mask[rows], loss_agg_mode=lc.loss_agg_mode, group_index=gi)
         scale = float(len(mbs) * self.info.dp_size)
 
         def callback(mb: batching.MicroBatch, lp: torch.Tensor, ent: Optional[torch.Tensor]) -> tuple:
@@ -320,7 +312,7 @@ class MegatronActor:
             loss, _ = compute_policy_loss(
                 lc.name, log_prob=lp, old_log_prob=old_lp, advantages=mb.advantages,
                 response_mask=mb.loss_mask, loss_agg_mode=lc.loss_agg_mode,
-                rollout_is_weights=mb.rollout_log_probs if is_weights is not None else None,
+                rollout_is_weights=mb.is_weights,
                 group_index=mb.group_index if spec.needs_group else None, global_denominator=denom, **lc.params)
             # the schedule divides in place: keep a clone for reporting
             return loss * scale, (mb.rows, lp.detach(), None if ent is None else ent.detach(), loss.detach().clone())

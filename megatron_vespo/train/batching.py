@@ -34,6 +34,8 @@ class MicroBatch:
         attention_lengths: [b] int64.
         advantages: [b] float.
         old_log_prob / rollout_log_probs: [b, S] or None.
+        is_weights: [b, S] float rollout-IS (TIS/MIS) weights of ``loss.rollout_is``, detached,
+            aligned like ``loss_mask`` (0 where it is 0), or None when rollout IS is off.
         routed_experts: [b, S, L, K] int64 routes to replay, or None.
         group_index: [b] int64 or None.
     """
@@ -48,6 +50,7 @@ class MicroBatch:
     rollout_log_probs: Optional[torch.Tensor] = None
     routed_experts: Optional[torch.Tensor] = None
     group_index: Optional[torch.Tensor] = None
+    is_weights: Optional[torch.Tensor] = None
 
     @property
     def seq_len(self) -> int:
@@ -104,11 +107,12 @@ def mini_batch_rows(batch_size: int, mini_batch_size: int, k: int) -> torch.Tens
 def rank_micro_batches(batch: TrainBatch, rows: torch.Tensor, *, dp_rank: int, dp_size: int, micro_batch_size: int,
                        seq_multiple: int = 1, device: torch.device | str = "cpu",
                        old_log_prob: Optional[torch.Tensor] = None,
-                       routes: Optional[torch.Tensor] = None) -> list[MicroBatch]:
+                       routes: Optional[torch.Tensor] = None,
+                       is_weights: Optional[torch.Tensor] = None) -> list[MicroBatch]:
     """This DP rank's micro-batches of the mini-batch ``rows`` (trimmed and padded as documented).
 
-    ``old_log_prob`` [B, S] and ``routes`` [B, S, L, K] are rollout-batch-wide tensors to slice
-    alongside (routes default to ``batch.routed_experts``).
+    ``old_log_prob`` [B, S], ``routes`` [B, S, L, K] and ``is_weights`` [B, S] are
+    rollout-batch-wide tensors to slice alongside (routes default to ``batch.routed_experts``).
     """
     check_divisibility(rows.numel(), micro_batch_size, dp_size)
     per_rank = rows.numel() // dp_size
@@ -143,6 +147,7 @@ def rank_micro_batches(batch: TrainBatch, rows: torch.Tensor, *, dp_rank: int, d
             rollout_log_probs=cut(batch.rollout_log_probs, idx),
             routed_experts=cut(routes, idx, pad_value=-1),
             group_index=None if batch.group_index is None else batch.group_index[idx].to(device),
+            is_weights=cut(is_weights, idx),
         ))
     return out
 

@@ -2,7 +2,7 @@
 
 Every training rank calls :meth:`DiskWeightSync.push` (the export is collective: shards are
 gathered over TP/EP/PP); rank 0 writes ``<root>/v<version>`` as a Hugging Face directory
-(``checkpoint.mcore_io.save_hf_checkpoint``, atomic) and tells every engine to load it with
+(``checkpoint.hf_dir.save_hf_checkpoint``, atomic) and tells every engine to load it with
 ``/update_weights_from_disk`` tagged with the policy version. Older version directories are
 removed once no engine serves them. NCCL broadcast (``update_weights_from_distributed``) and
 CUDA-IPC (``update_weights_from_tensor``) are faster on GPU clusters; this path needs only a
@@ -47,7 +47,7 @@ class DiskWeightSync:
 
     def export(self, model: Any, version: int) -> Path:
         """Collective: write ``version``'s HF directory (rank 0 writes) and return its path."""
-        from megatron_vespo.checkpoint.mcore_io import save_hf_checkpoint
+        from megatron_vespo.checkpoint.hf_dir import save_hf_checkpoint
 
         out = version_dir(self.root, version)
         if out.exists():  # a resumed run re-exporting a version it already wrote

@@ -42,8 +42,8 @@ import torch
 from megatron_vespo.rollout.client import RolloutEngineError
 from megatron_vespo.weight_sync.channel import CollectiveThread, EngineChannel, wait_all
 from megatron_vespo.weight_sync.config import WeightSyncConfig
-from megatron_vespo.weight_sync.group import TrainerGroup, dtype_name, master_address_for, resolve_backend, with_last
-from megatron_vespo.weight_sync.tensor import aligned_order
+from megatron_vespo.weight_sync.group import TrainerGroup, master_address_for, resolve_backend, with_last
+from megatron_vespo.wire import aligned_order, dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class DistributedWeightSync:
     """
 
     def __init__(self, hf_cfg: Any, cfg: Optional[WeightSyncConfig] = None) -> None:
-        from megatron_vespo.checkpoint.export import as_dims
+        from megatron_vespo.checkpoint.hf_weights import as_dims
 
         self.dims, self.cfg = as_dims(hf_cfg), cfg or WeightSyncConfig()
         self.backend = resolve_backend(self.cfg.backend)
@@ -302,7 +302,7 @@ class DistributedWeightSync:
         transfer of bucket k. Returns timing metrics; raises ``RolloutEngineError`` on every
         rank if rank 0 failed.
         """
-        from megatron_vespo.checkpoint.export import iter_hf_weights
+        from megatron_vespo.checkpoint.hf_weights import iter_hf_weights
 
         rank0 = _rank() == 0
         t0, connect_s, wait_s, nbytes, nbuckets = time.perf_counter(), 0.0, 0.0, 0, 0

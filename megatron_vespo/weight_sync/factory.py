@@ -17,10 +17,13 @@ embedded engine through shared memory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from megatron_vespo.weight_sync.config import WeightSyncConfig
 from megatron_vespo.weight_sync.disk import DiskWeightSync
+
+if TYPE_CHECKING:
+    from megatron_vespo.rollout.interfaces import Engines
 
 KINDS = ("disk", "distributed", "tensor")
 
@@ -37,12 +40,12 @@ class EngineWeightSync:
         """Collective: write ``version`` as an HF directory (rank 0 writes) and return its path."""
         return self.disk.export(model, version)
 
-    def update(self, model: Any, version: int, engines: Any = None) -> dict[str, float]:
+    def update(self, model: Any, version: int, engines: Optional[Engines] = None) -> dict[str, float]:
         """Collective: export ``version`` to disk and make the engines load it."""
         return self.disk.push(model, version, load=engines.router.update_weights_from_disk if engines else None,
                               run=engines.run if engines else None)
 
-    def close(self, engines: Any = None) -> None:
+    def close(self, engines: Optional[Engines] = None) -> None:
         """Nothing to release for the disk path."""
 
 
@@ -55,12 +58,12 @@ class DistributedEngineSync(EngineWeightSync):
         super().__init__(root, hf_cfg, cfg, source_dir)
         self.sync = DistributedWeightSync(hf_cfg, cfg)
 
-    def update(self, model: Any, version: int, engines: Any = None) -> dict[str, float]:
+    def update(self, model: Any, version: int, engines: Optional[Engines] = None) -> dict[str, float]:
         """Collective: broadcast ``version`` into the engines (the group is created on first use)."""
         return self.sync.push(model, version, clients=engines.router.clients if engines else None,
                               run=engines.run if engines else None)
 
-    def close(self, engines: Any = None) -> None:
+    def close(self, engines: Optional[Engines] = None) -> None:
         """Destroy the group on the engines and locally (rank 0)."""
         self.sync.disconnect(engines.run if engines is not None and not engines.loop.is_closed() else None)
 
@@ -75,7 +78,7 @@ class TensorEngineSync(EngineWeightSync):
         super().__init__(root, hf_cfg, cfg, source_dir)
         self.sync = TensorWeightSync(hf_cfg, cfg, engine_tp_size=engine_tp_size)
 
-    def update(self, model: Any, version: int, engines: Any = None) -> dict[str, float]:
+    def update(self, model: Any, version: int, engines: Optional[Engines] = None) -> dict[str, float]:
         """Collective: serialize every bucket on each rank; rank 0 posts the payloads.
 
         An embedded engine in this process (one rank) gets the tensors directly (``inprocess.py``).

@@ -59,19 +59,6 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (what SGLang's ``getattr(torch, name)`` expects)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` (or ``"torch.bfloat16"``) -> ``torch.bfloat16``; ValueError for anything else."""
-    attr = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(attr, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} (expected a torch dtype name such as 'bfloat16')")
-    return attr
-
-
 def master_address_for(urls: Sequence[str]) -> str:
     """Address the engines can reach training rank 0 at: loopback when every engine is local,
     else the local address of the interface that routes to the first engine (set

@@ -13,14 +13,17 @@ the ``/update_weights_from_tensor`` path of ``tensor.py``.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from megatron_vespo.weight_sync.group import with_last
 
+if TYPE_CHECKING:
+    from megatron_vespo.rollout.interfaces import Engines
 
-def in_process_engines(engines: Any) -> Optional[list[Any]]:
+
+def in_process_engines(engines: Optional[Engines]) -> Optional[list[Any]]:
     """The embedded engine objects behind ``engines`` when every one runs in this process, else None.
 
     Also None with more than one training rank: the export is collective and every rank must
@@ -44,7 +47,7 @@ def push_in_process(model: Any, version: int, local: Sequence[Any], clients: Seq
     The last bucket tags ``version``; the clients learn it as after an HTTP update. Raises
     RuntimeError naming the engine's message when a bucket is refused.
     """
-    from megatron_vespo.checkpoint.export import iter_hf_weights
+    from megatron_vespo.checkpoint.hf_weights import iter_hf_weights
 
     t0, nbytes, nbuckets = time.perf_counter(), 0, 0
     buckets = iter_hf_weights(model, dims, bucket_bytes=cfg.bucket_bytes, dtype=cfg.dtype)

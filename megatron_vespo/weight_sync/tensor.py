@@ -28,7 +28,6 @@ import base64
 import io
 import logging
 import time
-import types
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
@@ -36,63 +35,9 @@ import torch
 
 from megatron_vespo.weight_sync.config import WeightSyncConfig
 from megatron_vespo.weight_sync.group import with_last
+from megatron_vespo.wire import flattened_bucket
 
 logger = logging.getLogger(__name__)
-
-
-def _metadata_class() -> Callable[..., Any]:
-    try:
-        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
-    except Exception:  # noqa: BLE001 - sglang absent or not importable here (e.g. no CUDA build)
-        return types.SimpleNamespace
-    return FlattenedTensorMetadata
-
-
-def aligned_order(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    """The tensors by decreasing element size (stable), so that packed byte offsets stay aligned.
-
-    SGLang views each slice of the flat uint8 tensor as its dtype, which needs the offset to be a
-    multiple of the element size (its receiver rejects unaligned buckets): an fp32 tensor after an
-    odd number of bf16 elements would break that.
-    """
-    return sorted(named_tensors, key=lambda nt: -nt[1].element_size())
-
-
-def flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
-    """``{"flattened_tensor", "metadata"}`` of SGLang's flattened bucket (uint8, byte offsets, any dtypes,
-    in :func:`aligned_order`)."""
-    if not named_tensors:
-        raise ValueError("cannot build a flattened bucket from no tensors")
-    meta_cls, metadata, parts, offset = _metadata_class(), [], [], 0
-    for name, t in aligned_order(named_tensors):
-        flat = t.detach().contiguous().view(-1).view(torch.uint8)
-        metadata.append(meta_cls(name=name, shape=t.shape, dtype=t.dtype, start_idx=offset,
-                                 end_idx=offset + flat.numel(), numel=flat.numel()))
-        parts.append(flat)
-        offset += flat.numel()
-    return {"flattened_tensor": torch.cat(parts), "metadata": metadata}
-
-
-def reconstruct_flattened(flat: torch.Tensor, meta: Sequence[tuple]) -> list[tuple[str, torch.Tensor]]:
-    """Views of ``flat`` (uint8) per ``(name, dtype, shape[, start, end])``; offsets default to packed.
-
-    Raises ValueError when an entry falls outside ``flat``, is misaligned or its size does not
-    match its shape (SGLang would read garbage or crash).
-    """
-    if flat.dtype != torch.uint8 or flat.dim() != 1:
-        raise ValueError(f"flattened tensor must be 1-D uint8, got {flat.dtype} {list(flat.shape)}")
-    out, offset = [], 0
-    for entry in meta:
-        name, dtype, shape = entry[0], entry[1], torch.Size(entry[2])
-        start, end = (entry[3], entry[4]) if len(entry) > 3 else (offset, offset + shape.numel() * dtype.itemsize)
-        if not 0 <= start <= end <= flat.numel() or end - start != shape.numel() * dtype.itemsize:
-            raise ValueError(f"{name}: bytes [{start}, {end}) do not hold {list(shape)} {dtype} inside a flat "
-                             f"tensor of {flat.numel()} bytes")
-        if start % dtype.itemsize:
-            raise ValueError(f"{name}: byte offset {start} is not aligned to {dtype}")
-        out.append((name, flat[start:end].view(dtype).reshape(shape)))
-        offset = end
-    return out
 
 
 def serialize(obj: Any) -> str:
@@ -138,7 +83,7 @@ class TensorWeightSync:
 
     def __init__(self, hf_cfg: Any, cfg: Optional[WeightSyncConfig] = None, *, engine_tp_size: int = 1,
                  device: Optional[torch.device] = None) -> None:
-        from megatron_vespo.checkpoint.export import as_dims
+        from megatron_vespo.checkpoint.hf_weights import as_dims
 
         self.dims, self.cfg, self.tp = as_dims(hf_cfg), cfg or WeightSyncConfig(), int(engine_tp_size)
         if self.tp < 1:
@@ -183,7 +128,7 @@ class TensorWeightSync:
 
         Raises RuntimeError on every rank when an engine rejects a bucket.
         """
-        from megatron_vespo.checkpoint.export import iter_hf_weights
+        from megatron_vespo.checkpoint.hf_weights import iter_hf_weights
 
         rank, world = _rank_world()
         error = None

@@ -39,7 +39,7 @@ def _dataset():
 
 def run_and_save(save_dir: str, parallel_kwargs: dict) -> dict:
     """Uninterrupted run of STEPS rollout steps, saving a training checkpoint after SAVE_AT steps."""
-    from megatron_vespo.checkpoint.trainer_ckpt import save_trainer_checkpoint
+    from megatron_vespo.checkpoint.training import save_trainer_checkpoint
 
     actor, data = make_actor(parallel_kwargs, seed=1), _dataset()
     out: dict = {"steps": []}
@@ -64,7 +64,7 @@ def _copy_dataset(data):
 
 def resume(save_dir: str, parallel_kwargs: dict) -> dict:
     """A fresh actor (other init seed) that loads the checkpoint and runs the remaining steps."""
-    from megatron_vespo.checkpoint.trainer_ckpt import load_trainer_checkpoint
+    from megatron_vespo.checkpoint.training import load_trainer_checkpoint
 
     actor, data = make_actor(parallel_kwargs, seed=2), _dataset()
     state = load_trainer_checkpoint(save_dir, model=actor.model, optimizer=actor.optimizer,

@@ -65,9 +65,10 @@ def test_cli_round_trip_is_bit_exact_and_loads_in_transformers(tiny):
 
 def test_bf16_export_and_weight_buckets(tiny):
     from megatron_vespo.checkpoint.convert import conversion_model, parallel_config
-    from megatron_vespo.checkpoint.export import iter_hf_weights
+    from megatron_vespo.checkpoint.hf_dir import save_hf_checkpoint
+    from megatron_vespo.checkpoint.hf_weights import iter_hf_weights
     from megatron_vespo.checkpoint.mapping import Qwen3MoeDims, expected_hf_names
-    from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint, save_hf_checkpoint
+    from megatron_vespo.checkpoint.model_ckpt import load_model_checkpoint
 
     root, hf = tiny
     cfg = json.loads((hf / "config.json").read_text())

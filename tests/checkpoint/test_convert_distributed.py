@@ -40,9 +40,9 @@ def _log_probs(model, vocab):
 
 def _worker(rank, world, hf_dir, root):
     from megatron_vespo.checkpoint.convert import conversion_model, hf_to_mcore, mcore_to_hf, parallel_config
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.checkpoint.mapping import Qwen3MoeDims
-    from megatron_vespo.checkpoint.mcore_io import HF_SUBDIR, load_model_checkpoint
+    from megatron_vespo.checkpoint.model_ckpt import HF_SUBDIR, load_model_checkpoint
 
     reports = {}
     for name, layout in LAYOUTS.items():
@@ -81,7 +81,7 @@ def test_round_trip_parity_and_relayout_on_two_ranks(tmp_path):
         assert reports[name]["back_diff"] < 1e-5, reports[name]
     # EP2-saved checkpoint: TP2 and 1-process loads give the same log-probs as EP2
     from megatron_vespo.checkpoint.convert import conversion_model, parallel_config
-    from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint
+    from megatron_vespo.checkpoint.model_ckpt import load_model_checkpoint
 
     with conversion_model(str(tmp_path / "mc_ep2" / "hf"), parallel_config(), torch.float32) as model:
         load_model_checkpoint(model, tmp_path / "mc_ep2")

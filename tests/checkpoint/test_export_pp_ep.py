@@ -19,8 +19,8 @@ pytest.importorskip("transformers")
 
 def _worker(rank, world, hf_dir):
     from megatron_vespo.checkpoint.convert import conversion_model, parallel_config
-    from megatron_vespo.checkpoint.export import export_hf_state_dict, load_hf_weights
-    from megatron_vespo.checkpoint.hf_io import HFCheckpointReader
+    from megatron_vespo.checkpoint.hf_dir import HFCheckpointReader
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict, load_hf_weights
     from megatron_vespo.checkpoint.mapping import Qwen3MoeDims
 
     with conversion_model(hf_dir, parallel_config(pp=2, ep=2), torch.float32) as model:

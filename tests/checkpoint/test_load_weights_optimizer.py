@@ -21,8 +21,8 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     from tiny_hf import make_tiny_hf
     from megatron_vespo.checkpoint.config import CheckpointConfig
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
-    from megatron_vespo.checkpoint.manager import Checkpointer
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
+    from megatron_vespo.checkpoint.checkpointer import Checkpointer
     from megatron_vespo.losses.config import LossConfig
     from megatron_vespo.models.config import ModelConfig
     from megatron_vespo.train.actor import MegatronActor

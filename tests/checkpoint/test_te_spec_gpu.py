@@ -11,8 +11,8 @@ from tiny_hf import make_tiny_hf
 def test_te_spec_round_trip_and_logit_parity(tmp_path):
     pytest.importorskip("transformer_engine")
     from megatron_vespo.checkpoint.convert import compare_with_transformers, parallel_config
-    from megatron_vespo.checkpoint.export import export_hf_state_dict, load_hf_weights, local_params
-    from megatron_vespo.checkpoint.hf_io import HFCheckpointReader
+    from megatron_vespo.checkpoint.hf_dir import HFCheckpointReader
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict, load_hf_weights, local_params
     from megatron_vespo.checkpoint.mapping import Qwen3MoeDims
     from megatron_vespo.models.config import ModelConfig
     from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config

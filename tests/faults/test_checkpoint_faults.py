@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_vespo.checkpoint import safety, trainer_ckpt
+from megatron_vespo.checkpoint import safety, training
 from megatron_vespo.checkpoint.config import CheckpointConfig
-from megatron_vespo.checkpoint.trainer_ckpt import LATEST_NAME, latest_iteration, list_iterations
+from megatron_vespo.checkpoint.training import LATEST_NAME, latest_iteration, list_iterations
 
 pytest.importorskip("megatron.core")
 
@@ -35,7 +35,7 @@ def _stub_writer(payload: int = 0):
 
 
 def _checkpointer(save_dir, **kw):
-    from megatron_vespo.checkpoint.manager import Checkpointer
+    from megatron_vespo.checkpoint.checkpointer import Checkpointer
 
     return Checkpointer(CheckpointConfig(save_dir=str(save_dir), save_interval=1, **kw), {})
 
@@ -46,13 +46,13 @@ def _saved_state(ckpt_dir: Path) -> dict:
 
 # ----------------------------------------------------------------------------- killed between rename and pointer
 def test_iteration_newer_than_the_pointer_is_replaced_and_rotation_holds(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _stub_writer())
+    monkeypatch.setattr(training, "write_model_checkpoint", _stub_writer())
     save = tmp_path / "ckpt"
     ckpt = _checkpointer(save, keep_last=2)
     for it in (1, 2):
         ckpt.maybe_save(it, None, state={"policy_version": it})
     # the killed run: iter_0000003 renamed into place, pointer still at 2 (its state is another trajectory's)
-    trainer_ckpt.save_trainer_checkpoint(save, 3, model=None, hf_cfg={}, state={"policy_version": 999}, keep_last=9)
+    training.save_trainer_checkpoint(save, 3, model=None, hf_cfg={}, state={"policy_version": 999}, keep_last=9)
     (save / LATEST_NAME).write_text("2\n")
     assert list_iterations(save) == [1, 2, 3] and latest_iteration(save) == 2
     # the resumed run's last iteration: the final checkpoint is written, not "already exists"
@@ -68,9 +68,9 @@ def test_iteration_newer_than_the_pointer_is_replaced_and_rotation_holds(tmp_pat
 
 def test_a_failed_hf_export_leaves_the_pointer_on_the_previous_iteration(tmp_path, monkeypatch):
     """The HF export is written before the training checkpoint, so the resumed run redoes both."""
-    from megatron_vespo.checkpoint import mcore_io
+    from megatron_vespo.checkpoint import hf_dir
 
-    monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _stub_writer())
+    monkeypatch.setattr(training, "write_model_checkpoint", _stub_writer())
     save = tmp_path / "ckpt"
     ckpt = _checkpointer(save, keep_last=2, hf_export_interval=2)
     ckpt.maybe_save(1, None, state={})
@@ -78,14 +78,14 @@ def test_a_failed_hf_export_leaves_the_pointer_on_the_previous_iteration(tmp_pat
     def killed(*args, **kwargs):
         raise RuntimeError("killed during the HF export (simulated)")
 
-    monkeypatch.setattr(mcore_io, "save_hf_checkpoint", killed)
+    monkeypatch.setattr(hf_dir, "save_hf_checkpoint", killed)
     with pytest.raises(RuntimeError, match="simulated"):
         ckpt.maybe_save(2, None, state={})
     assert latest_iteration(save) == 1 and list_iterations(save) == [1]
 
 
 def test_leftovers_and_unconfirmed_iterations_are_removed_at_start(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _stub_writer())
+    monkeypatch.setattr(training, "write_model_checkpoint", _stub_writer())
     save = tmp_path / "ckpt"
     ckpt = _checkpointer(save, keep_last=3)
     for it in (1, 2):
@@ -94,7 +94,7 @@ def test_leftovers_and_unconfirmed_iterations_are_removed_at_start(tmp_path, mon
     (partial / "model").mkdir(parents=True)
     (partial / "model" / "shard.distcp").write_bytes(b"x" * 1000)
     (save / f".{LATEST_NAME}.k2j3.tmp").write_text("3\n")
-    trainer_ckpt.save_trainer_checkpoint(save, 4, model=None, hf_cfg={}, keep_last=9)
+    training.save_trainer_checkpoint(save, 4, model=None, hf_cfg={}, keep_last=9)
     (save / LATEST_NAME).write_text("2\n")
     (save / "hf" / "iter_0000004").mkdir(parents=True)
     (save / "hf" / ".iter_0000005.x.partial").mkdir()
@@ -107,12 +107,12 @@ def test_leftovers_and_unconfirmed_iterations_are_removed_at_start(tmp_path, mon
 
 
 def test_clean_never_removes_the_directory_being_loaded(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _stub_writer())
+    monkeypatch.setattr(training, "write_model_checkpoint", _stub_writer())
     save = tmp_path / "ckpt"
     for it in (1, 2):
-        trainer_ckpt.save_trainer_checkpoint(save, it, model=None, hf_cfg={}, keep_last=9)
+        training.save_trainer_checkpoint(save, it, model=None, hf_cfg={}, keep_last=9)
     (save / LATEST_NAME).write_text("1\n")
-    removed = trainer_ckpt.clean_save_dir(save, keep=save / "iter_0000002")
+    removed = training.clean_save_dir(save, keep=save / "iter_0000002")
     assert removed == [] and list_iterations(save) == [1, 2]
 
 
@@ -130,13 +130,13 @@ def test_full_disk_during_save_says_so_and_where(tmp_path, monkeypatch):
     _tiny_tmpfs(disk, "512k")
     try:
         save = disk / "ckpt"
-        monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _stub_writer())
-        trainer_ckpt.save_trainer_checkpoint(save, 1, model=None, hf_cfg={}, keep_last=2)
+        monkeypatch.setattr(training, "write_model_checkpoint", _stub_writer())
+        training.save_trainer_checkpoint(save, 1, model=None, hf_cfg={}, keep_last=2)
         # the next save's "weights" leave ~2 KB: the RNG file (torch.save, ~6 KB) hits ENOSPC
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _stub_writer(payload=free - 2048 - 3 * 4096))
+        monkeypatch.setattr(training, "write_model_checkpoint", _stub_writer(payload=free - 2048 - 3 * 4096))
         with pytest.raises(safety.DiskFullError) as info:
-            trainer_ckpt.save_trainer_checkpoint(save, 2, model=None, hf_cfg={}, keep_last=2)
+            training.save_trainer_checkpoint(save, 2, model=None, hf_cfg={}, keep_last=2)
         msg = str(info.value)
         assert "disk full" in msg and str(save) in msg and "iteration 1" in msg, msg
         assert info.value.errno == errno.ENOSPC
@@ -187,9 +187,9 @@ class _Evil:
 
 @pytest.mark.parametrize("victim", ["trainer_state.pt", "rng/rank_00000.pt"])
 def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path, monkeypatch, victim):
-    monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _stub_writer())
+    monkeypatch.setattr(training, "write_model_checkpoint", _stub_writer())
     save = tmp_path / "ckpt"
-    trainer_ckpt.save_trainer_checkpoint(save, 1, model=None, hf_cfg={}, keep_last=2)
+    training.save_trainer_checkpoint(save, 1, model=None, hf_cfg={}, keep_last=2)
     marker = tmp_path / "marker"
     path = save / "iter_0000001" / victim
     good = torch.load(path, weights_only=False)
@@ -198,7 +198,7 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused(tmp_path, monkeypatch, vi
     with open(path, "wb") as fh:
         pickle.dump(good, fh)  # a plain pickle, as an attacker would write it (torch.load reads those too)
     with pytest.raises(ValueError, match="refused to load"):
-        trainer_ckpt.load_trainer_checkpoint(save, model=None)
+        training.load_trainer_checkpoint(save, model=None)
     assert not marker.exists(), "the checkpoint ran code while loading"
 
 
@@ -212,12 +212,12 @@ def test_rng_files_of_older_checkpoints_still_load(tmp_path):
     torch.save({"world_size": 1, "rng": old}, tmp_path / "rng" / "rank_00000.pt")
     want = np.random.rand(3)
     np.random.rand(7)
-    trainer_ckpt.set_rng_state(trainer_ckpt.read_rng_state(tmp_path))
+    training.set_rng_state(training.read_rng_state(tmp_path))
     assert np.array_equal(np.random.rand(3), want)
     # and the new format round-trips numpy exactly too
-    state = trainer_ckpt.rng_state()
+    state = training.rng_state()
     want = np.random.rand(3)
-    trainer_ckpt.set_rng_state(state)
+    training.set_rng_state(state)
     assert np.array_equal(np.random.rand(3), want)
 
 

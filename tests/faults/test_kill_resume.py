@@ -15,7 +15,7 @@ Every kill point at every iteration, sync and async, is the long matrix in
 import pytest
 from fault_runs import checkpoint_files, comparable, read_rows, train
 
-from megatron_vespo.checkpoint.trainer_ckpt import latest_iteration, list_iterations
+from megatron_vespo.checkpoint.training import latest_iteration, list_iterations
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import pytest
 from fault_runs import checkpoint_files, comparable, read_rows, train
 
 from megatron_vespo.checkpoint.faults import KILL_POINTS
-from megatron_vespo.checkpoint.trainer_ckpt import latest_iteration, list_iterations
+from megatron_vespo.checkpoint.training import latest_iteration, list_iterations
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault_matrix]
 

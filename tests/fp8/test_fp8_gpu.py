@@ -8,7 +8,7 @@ Run: ``pytest -m gpu tests/fp8/test_fp8_gpu.py`` on a node with transformer-engi
   gradients close (FP8 E4M3 keeps 3 mantissa bits: ~4% relative rounding per element);
 * FP8 parameters (``fp8_param_gather``): the actor keeps GEMM weights as TE quantised tensors,
   trains through the distributed optimizer, and exports bf16 Hugging Face tensors whose
-  values are the FP8-rounded weights (``checkpoint/export.py``), round-tripping HF weights.
+  values are the FP8-rounded weights (``checkpoint/hf_weights.py``), round-tripping HF weights.
 """
 
 import pytest
@@ -97,7 +97,7 @@ def test_fp8_forward_backward_close_to_bf16(recipe):
 
 
 def _fp8_params_actor(rank, world_size, cfg_dict):
-    from megatron_vespo.checkpoint.export import export_hf_state_dict, load_hf_weights
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict, load_hf_weights
     from megatron_vespo.fp8 import is_fp8_tensor
     from megatron_vespo.losses.config import LossConfig
     from megatron_vespo.models.config import ModelConfig

@@ -177,14 +177,6 @@ def test_tensor_helpers_are_identity_without_fp8_params():
 
 
 # ----------------------------------------------------------------------------- the actor on CPU
-@pytest.fixture(scope="module")
-def _one_process_group():
-    yield
-    from megatron_vespo.train.parallel import destroy_parallel
-
-    destroy_parallel(destroy_process_group=True)
-
-
 def _actor(**kw):
     from megatron_vespo.losses.config import LossConfig
     from megatron_vespo.train.actor import MegatronActor
@@ -195,7 +187,7 @@ def _actor(**kw):
                                                               micro_batch_size=2), LossConfig(name="vespo"), **kw)
 
 
-def test_actor_checks_fp8_before_building_anything(_one_process_group, monkeypatch):
+def test_actor_checks_fp8_before_building_anything(parallel_teardown_module, monkeypatch):
     import megatron_vespo.train.actor as actor_mod
 
     def no_build(*a, **k):
@@ -209,7 +201,7 @@ def test_actor_checks_fp8_before_building_anything(_one_process_group, monkeypat
         _actor(fp8=FP8Config(fp8="e4m3", fp8_recipe="blockwise", fp8_param_gather=True))
 
 
-def test_actor_without_fp8_reports_it(_one_process_group):
+def test_actor_without_fp8_reports_it(parallel_teardown_module):
     a = _actor(fp8=FP8Config())
     assert a.fp8_info == {"fp8/enabled": 0.0, "fp8/format": None, "fp8/fp8_param_tensors": 0.0}
     assert a.seq_multiple == 1

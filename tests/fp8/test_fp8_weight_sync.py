@@ -4,7 +4,6 @@ and flattened-bucket broadcasts over gloo) and tensor (shared-memory payload) sy
 weights + ``weight_scale_inv``; the served weights are then exactly the dequantised FP8 export.
 A BF16 update into the FP8 engine is refused by the engine (SGLang would cast it silently)."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def _cfg(**kw):
 
 def _expected(model, hf_cfg):
     """What an FP8 engine serves: the export quantised per block and dequantised (bf16 for the rest)."""
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.fp8.blockwise import dequantize_named_tensors, quantize_named_tensors
 
     ref = export_hf_state_dict(model, hf_cfg)
@@ -44,7 +43,7 @@ def _mismatch(engine, expected):
 
 
 def _scenario(tmp):
-    from megatron_vespo.checkpoint.mcore_io import save_hf_checkpoint
+    from megatron_vespo.checkpoint.hf_dir import save_hf_checkpoint
     from megatron_vespo.rollout.client import RolloutEngineError, SGLangClient
     from megatron_vespo.rollout.embedded.server import start_embedded_server
     from megatron_vespo.weight_sync.distributed import DistributedWeightSync
@@ -90,17 +89,8 @@ def _scenario(tmp):
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    from megatron_vespo.train.parallel import destroy_parallel
-
-    created = not torch.distributed.is_initialized()
-    env = dict(os.environ)
-    try:
-        yield _scenario(tmp_path_factory.mktemp("fp8sync"))
-    finally:
-        destroy_parallel(destroy_process_group=created)
-        os.environ.clear()
-        os.environ.update(env)
+def result(tmp_path_factory, parallel_teardown_module):
+    return _scenario(tmp_path_factory.mktemp("fp8sync"))  # torn down by the shared fixture (tests/conftest.py)
 
 
 def test_engine_starts_from_the_fp8_export(result):

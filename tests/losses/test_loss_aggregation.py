@@ -13,6 +13,7 @@ from megatron_vespo.losses import (
     get_loss,
     local_denominator,
     loss_denominator,
+    mini_batch_denominator,
 )
 
 
@@ -158,3 +159,19 @@ def test_seq_mean_token_mean_is_bit_exact_with_verl_formula():
     assert torch.equal(agg_loss(loss, mask, "seq-mean-token-mean"), verl)
     old_rule = ((loss * m).sum(-1) / seq_tok.clamp(min=1) * seq_mask).sum() / seq_mask.sum()
     assert not torch.equal(old_rule, verl)  # the test can tell the two rules apart
+
+
+def test_mini_batch_denominator_is_the_summed_count_or_the_fixed_length():
+    """One call for a mini-batch held whole: the count for counting modes and reductions, the
+    longest response for seq-mean-token-sum-norm (not the padded T, not refused), floored at 1."""
+    _, mask, lengths = _rand()
+    assert mini_batch_denominator("grpo", mask, loss_agg_mode="seq-mean-token-sum-norm") == float(lengths.max())
+    padded = torch.cat([mask, torch.zeros(5, 4, dtype=torch.bool)], dim=1)  # longer padding changes nothing
+    assert mini_batch_denominator("grpo", padded, loss_agg_mode="seq-mean-token-sum-norm") == float(lengths.max())
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        assert mini_batch_denominator("grpo", mask, loss_agg_mode=mode) == local_denominator(mask, mode)
+    group = torch.tensor([0, 1, 1, 2, 2])
+    assert mini_batch_denominator("gepo", mask, group_index=group) == loss_denominator("gepo", mask, group_index=group)
+    empty = torch.zeros_like(mask)
+    assert mini_batch_denominator("grpo", empty, loss_agg_mode="seq-mean-token-sum-norm") == 1.0
+    assert mini_batch_denominator("grpo", empty, loss_agg_mode="token-mean") == 1.0

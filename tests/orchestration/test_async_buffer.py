@@ -7,6 +7,7 @@ timings, in-place weight updates and out-of-order completion.
 """
 
 import asyncio
+import math
 import random
 
 import pytest
@@ -106,11 +107,15 @@ def test_async_bounds_defaults_and_errors():
         async_bounds(job)
 
 
-def test_overlap_is_busy_time_over_the_bracketed_interval():
-    m = overlap_metrics({"busy_s": 10.0, "clock_s": 100.0, "samples": 40},
-                        {"busy_s": 10.5, "clock_s": 102.0, "samples": 48})
+def test_overlap_is_mean_engine_busy_time_over_the_bracketed_interval():
+    m = overlap_metrics({"engine_busy_s": [10.0, 4.0], "clock_s": 100.0, "samples": 40},
+                        {"engine_busy_s": [11.0, 4.0], "clock_s": 102.0, "samples": 48})
+    # engine 0 generated 1 s of the 2 s step, engine 1 not at all: 0.5 s per engine, a quarter of the step
     assert m == {"async/gen_busy_during_train_s": 0.5, "async/overlap_frac": 0.25,
                  "async/samples_generated_during_train": 8}
+    unknown = overlap_metrics({"engine_busy_s": [], "clock_s": 0.0, "samples": 0},
+                              {"engine_busy_s": [], "clock_s": 1.0, "samples": 0})
+    assert math.isnan(unknown["async/overlap_frac"])  # a router that measures nothing reports no overlap
 
 
 # ---------------------------------------------------------------- worker with a fake engine

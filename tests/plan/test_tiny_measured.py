@@ -110,7 +110,7 @@ def test_activation_formula_matches_the_bytes_saved_on_cpu(preset, dtype, overri
 
 
 def test_planned_weight_sync_buckets_equal_the_real_export(gloo):
-    from megatron_vespo.checkpoint.export import iter_hf_weights
+    from megatron_vespo.checkpoint.hf_weights import iter_hf_weights
     from megatron_vespo.models.qwen3_moe import build_model_from_config, get_hf_config
 
     job = load_config(JobConfig, TINY, ["weight_sync.bucket_mb=0.05", "weight_sync.kind=distributed"])

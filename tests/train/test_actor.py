@@ -30,6 +30,32 @@ def test_global_loss_equals_registry_loss_on_the_whole_mini_batch(loss):
         assert m["loss/micro_batch_sum"] == pytest.approx(m["loss"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("loss", [{"name": "grpo", "loss_agg_mode": "seq-mean-token-sum-norm"},
+                                  {"name": "vespo", "rollout_is": {"enabled": True, "threshold": 1.2}}])
+def test_micro_batches_carry_is_weights_and_the_fixed_length_norm(loss):
+    """Rollout-IS weights reach every micro-batch (MicroBatch.is_weights) and seq-mean-token-sum-norm
+    divides every micro-batch by the mini-batch's longest response: the micro-batch losses sum to
+    the registry loss of the whole mini-batch."""
+    from megatron_vespo.losses import compute_rollout_is_weights
+
+    actor = make_actor({}, loss=loss, train={"micro_batch_size": 1})
+    batch = make_batch(actor)
+    lp, _ = actor.compute_log_probs(batch)
+    old, mask, weights, rows = lp * batch.loss_mask, batch.loss_mask.float(), None, torch.arange(4)
+    if "rollout_is" in loss:
+        res = compute_rollout_is_weights(old, batch.rollout_log_probs.float(), mask, actor.loss_cfg.rollout_is)
+        weights, mask = res.weights[rows], mask * res.mask
+        assert not torch.allclose(weights[mask[rows] > 0], torch.ones(())), "the case must exercise the weights"
+    norm = loss.get("loss_agg_mode") == "seq-mean-token-sum-norm"
+    metrics = actor.train_on_rollout(batch)
+    ref, _ = compute_policy_loss(loss["name"], log_prob=lp[rows], old_log_prob=old[rows],
+                                 advantages=batch.advantages[rows], response_mask=mask[rows],
+                                 loss_agg_mode=loss.get("loss_agg_mode"), rollout_is_weights=weights,
+                                 global_denominator=float(mask[rows].sum(-1).max()) if norm else None)
+    assert metrics[0]["loss"] == pytest.approx(float(ref), rel=1e-5, abs=1e-6)
+    assert metrics[0]["loss/micro_batch_sum"] == pytest.approx(metrics[0]["loss"], rel=1e-5, abs=1e-6)
+
+
 def test_micro_batch_size_does_not_change_the_update():
     runs = []
     for micro in (1, 4):

@@ -10,19 +10,12 @@ import pytest
 import torch
 
 pytest.importorskip("megatron.core")
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tests (GPU variants in test_gpu.py)")
+pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tests (GPU variants in test_gpu.py)"),
+              pytest.mark.usefixtures("parallel_teardown_module")]
 
 from actor_cases import make_actor, make_batch  # noqa: E402
 
 from megatron_vespo.train import forward as fwd  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_process_group():
-    yield
-    from megatron_vespo.train.parallel import destroy_parallel
-
-    destroy_parallel(destroy_process_group=True)
 
 
 def _params(actor):

@@ -10,7 +10,6 @@ it returns:
 * 2 trainer ranks (TP2 x EP2) push into one engine; a failed connect raises on both ranks.
 """
 
-import os
 import time
 
 import httpx
@@ -33,7 +32,7 @@ def _cfg(**kw):
 
 
 def _one_rank(rank, world):
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.rollout.client import SGLangClient
     from megatron_vespo.rollout.embedded.server import start_embedded_server
     from megatron_vespo.weight_sync.distributed import DistributedWeightSync
@@ -124,18 +123,10 @@ def _one_rank(rank, world):
 
 
 @pytest.fixture(scope="module")
-def one_rank():
-    # in this process (a spawn would cost more than the scenario); Megatron's state is torn down after
-    from megatron_vespo.train.parallel import destroy_parallel
-
-    created = not torch.distributed.is_initialized()
-    env = dict(os.environ)  # init_parallel sets RANK/WORLD_SIZE/MASTER_PORT, which subprocesses would inherit
-    try:
-        yield _one_rank(0, 1)
-    finally:
-        destroy_parallel(destroy_process_group=created)
-        os.environ.clear()
-        os.environ.update(env)
+def one_rank(parallel_teardown_module):
+    # in this process (a spawn would cost more than the scenario); Megatron's state and the
+    # environment are restored after the module by the shared fixture (tests/conftest.py)
+    return _one_rank(0, 1)
 
 
 def test_push_makes_engine_weights_bit_identical(one_rank):
@@ -180,7 +171,7 @@ def test_flattened_bucket_and_tensor_paths(one_rank):
 
 
 def _two_ranks(rank, world):
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.rollout.client import RolloutEngineError, SGLangClient
     from megatron_vespo.rollout.embedded.server import start_embedded_server
     from megatron_vespo.weight_sync.distributed import DistributedWeightSync

@@ -75,7 +75,7 @@ def lazy_engine(request):
 
 
 def _push(url, monkeypatch, flattened):
-    import megatron_vespo.checkpoint.export as export
+    import megatron_vespo.checkpoint.hf_weights as export
     import megatron_vespo.weight_sync.distributed as distributed
     from megatron_vespo.rollout.client import SGLangClient
     from megatron_vespo.weight_sync.config import WeightSyncConfig

@@ -1,6 +1,5 @@
 """loop.weight_sync=tensor with the embedded engine in this process: tensors copied in place, no HTTP."""
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -12,21 +11,12 @@ pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def one_rank():
-    from megatron_vespo.train.parallel import destroy_parallel
-
-    created = not torch.distributed.is_initialized()
-    env = dict(os.environ)
-    try:
-        yield build_model()
-    finally:
-        destroy_parallel(destroy_process_group=created)
-        os.environ.clear()
-        os.environ.update(env)
+def one_rank(parallel_teardown_module):
+    return build_model()  # torn down after the module by the shared fixture (tests/conftest.py)
 
 
 def test_in_process_engine_gets_the_tensors_without_http(one_rank, monkeypatch):
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.rollout.client import SGLangClient
     from megatron_vespo.rollout.embedded.server import start_embedded_server
     from megatron_vespo.rollout.router import EngineRouter
@@ -59,7 +49,7 @@ def test_in_process_engine_gets_the_tensors_without_http(one_rank, monkeypatch):
         assert run(client.weight_version()) == "5" and client.policy_version == 5
         # a refused bucket (wrong shape) raises with the engine's message
         bad = [("model.norm.weight", torch.zeros(3))]
-        monkeypatch.setattr("megatron_vespo.checkpoint.export.iter_hf_weights", lambda *a, **k: iter([bad]))
+        monkeypatch.setattr("megatron_vespo.checkpoint.hf_weights.iter_hf_weights", lambda *a, **k: iter([bad]))
         with pytest.raises(RuntimeError, match="shape mismatch"):
             sync.update(model, 6, engines)
         assert run(client.weight_version()) == "5"

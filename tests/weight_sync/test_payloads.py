@@ -6,8 +6,9 @@ import pickle
 import pytest
 import torch
 
-from megatron_vespo.weight_sync.group import dtype_name, master_address_for, parse_dtype, with_last
-from megatron_vespo.weight_sync.tensor import flattened_bucket, reconstruct_flattened, serialize
+from megatron_vespo.weight_sync.group import master_address_for, with_last
+from megatron_vespo.weight_sync.tensor import serialize
+from megatron_vespo.wire import dtype_name, flattened_bucket, parse_dtype, reconstruct_flattened
 
 # Globals sglang 0.5.23's SafeUnpickler admits that a CPU/CUDA flattened-bucket payload can use
 # (sglang/srt/utils/common.py ALLOWED_GLOBALS, the relevant subset).

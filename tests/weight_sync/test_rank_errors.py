@@ -18,7 +18,7 @@ TINY = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attent
 
 
 def _push(rank, world, kind):
-    import megatron_vespo.checkpoint.export as export
+    import megatron_vespo.checkpoint.hf_weights as export
     from megatron_vespo.weight_sync.distributed import DistributedWeightSync
     from megatron_vespo.weight_sync.tensor import TensorWeightSync
 
@@ -30,10 +30,10 @@ def _push(rank, world, kind):
     export.iter_hf_weights = fake_export
     try:
         if kind == "disk":  # the engines refuse the new weights: only rank 0 sees it
-            import megatron_vespo.checkpoint.mcore_io as mcore_io
+            import megatron_vespo.checkpoint.hf_dir as hf_dir
             from megatron_vespo.weight_sync.disk import DiskWeightSync
 
-            mcore_io.save_hf_checkpoint = lambda model, cfg, out, **kw: out
+            hf_dir.save_hf_checkpoint = lambda model, cfg, out, **kw: out
 
             async def load(path, version):
                 raise RuntimeError("engine refused the weights")

@@ -25,8 +25,8 @@ def setup(tmp_path_factory):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs: the trainer on cuda:0, the SGLang server on cuda:1 (NCCL refuses one device)")
     pytest.importorskip("sglang", reason="needs sglang installed (pip install 'sglang[all]')")
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
-    from megatron_vespo.checkpoint.mcore_io import save_hf_checkpoint
+    from megatron_vespo.checkpoint.hf_dir import save_hf_checkpoint
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.models.config import ModelConfig
     from megatron_vespo.models.qwen3_moe import build_gpt_model, get_hf_config
     from megatron_vespo.rollout.client import SGLangClient

@@ -8,14 +8,14 @@ pytest.importorskip("transformers")
 
 
 def _dims_30b():
-    from megatron_vespo.checkpoint.export import as_dims
+    from megatron_vespo.checkpoint.hf_weights import as_dims
     from megatron_vespo.models.presets import PRESETS
 
     return as_dims({**PRESETS["qwen3-30b-a3b"], "model_type": "qwen3_moe"})
 
 
 def test_ep8_export_plan_has_one_all_gather_per_layer_and_fc():
-    from megatron_vespo.checkpoint.export import ShardLayout, _plan
+    from megatron_vespo.checkpoint.hf_weights import ShardLayout, _plan
 
     dims = _dims_30b()
     units = _plan(dims, ShardLayout(ep_size=8))
@@ -38,7 +38,7 @@ def test_flattened_buckets_are_the_default():
 def test_export_of_the_next_bucket_overlaps_the_transfer(monkeypatch):
     """push() exports later buckets while bucket k is on the wire (export 2 runs between start w0 and
     finish w0; the one-bucket look-ahead that finds the last bucket already exported bucket 1)."""
-    import megatron_vespo.checkpoint.export as export
+    import megatron_vespo.checkpoint.hf_weights as export
     from megatron_vespo.weight_sync.distributed import DistributedWeightSync
 
     events = []

@@ -58,7 +58,8 @@ def _ipc_engine(payload, q):
 
 
 def test_cuda_ipc_payload_opens_in_another_process():
-    from megatron_vespo.weight_sync.tensor import flattened_bucket, serialize
+    from megatron_vespo.weight_sync.tensor import serialize
+    from megatron_vespo.wire import flattened_bucket
 
     named = [("a", torch.randn(64, 32, device="cuda")), ("b", torch.randn(17, device="cuda").to(torch.bfloat16))]
     data = flattened_bucket(named)  # kept alive until the other process has read it

@@ -24,9 +24,8 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
-import torch
-
 from megatron_vespo.rollout.embedded.capture import route_capture_or_none
+from megatron_vespo.rollout.embedded.decode import BatchDecoding, abort_result
 from megatron_vespo.rollout.embedded.models import (
     build_tiny_model,
     load_hf_model,
@@ -34,15 +33,10 @@ from megatron_vespo.rollout.embedded.models import (
     reload_weights_in_place,
 )
 from megatron_vespo.rollout.embedded.requests import GenRequest, parse_generate
-from megatron_vespo.rollout.embedded.sampling import reported_log_probs, return_original_logprob_from_env, sample_tokens
+from megatron_vespo.rollout.embedded.sampling import return_original_logprob_from_env
 from megatron_vespo.rollout.embedded.weight_update import WeightUpdateGroups, load_named_tensors
-from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
-
-
-def _abort(message: str) -> dict:
-    return {"type": "abort", "message": message, "status_code": None, "err_type": None}
 
 
 def _eos_ids(model: Any) -> set[int]:
@@ -53,7 +47,7 @@ def _eos_ids(model: Any) -> set[int]:
     return {int(i) for i in ids}
 
 
-class EmbeddedEngine:
+class EmbeddedEngine(BatchDecoding):
     """Batched sampling with KV cache, SGLang log-prob convention and router capture.
 
     Args:
@@ -188,7 +182,7 @@ class EmbeddedEngine:
                 self._pending.remove(r)
             self._cv.notify_all()
         for r in queued:
-            r.finish(_abort(message))
+            r.finish(abort_result(message))
         return len(hit)
 
     def pause(self, mode: str = "abort") -> None:
@@ -301,7 +295,7 @@ class EmbeddedEngine:
                 logger.exception("embedded engine batch failed")
                 for r in batch:
                     if r.finish_reason is None:
-                        r.finish({**_abort(f"engine error: {type(exc).__name__}: {exc}"), "status_code": 500})
+                        r.finish({**abort_result(f"engine error: {type(exc).__name__}: {exc}"), "status_code": 500})
             finally:
                 with self._cv:
                     self._running = []
@@ -317,111 +311,6 @@ class EmbeddedEngine:
                 if not self._paused or self._stopping or any(r.aborted for r in reqs):
                     return
                 self._cv.wait(timeout=0.05)
-
-    # ------------------------------------------------------------------ decoding
-    @torch.no_grad()
-    def run_batch(self, reqs: list[GenRequest]) -> None:
-        """Generate every request of ``reqs`` to completion (also callable without the worker)."""
-        transformers = require("transformers", "the embedded rollout engine")
-        live, gens = [], []
-        for r in reqs:
-            r.version_spans = [[self.weight_version, 0]]
-            if r.aborted:
-                r.finish(_abort(r.aborted))
-                continue
-            try:  # per request: one bad seed must not fail the requests batched with it
-                gens.append(torch.Generator().manual_seed(r.sampling_seed if r.sampling_seed is not None
-                                                          else self._rng.getrandbits(63)))
-            except (RuntimeError, OverflowError, TypeError, ValueError) as exc:
-                r.finish({**_abort(f"sampling_seed {r.sampling_seed!r} rejected: {exc}"), "status_code": 400})
-                continue
-            live.append(r)
-        if not live:
-            return
-        lens = [len(r.input_ids) for r in live]
-        width = max(lens)
-        ids = torch.zeros(len(live), width, dtype=torch.long)
-        attn = torch.zeros(len(live), width, dtype=torch.long)
-        for b, r in enumerate(live):
-            ids[b, width - lens[b]:] = torch.tensor(r.input_ids)
-            attn[b, width - lens[b]:] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        capture = self.capture if any(r.return_routed_experts for r in live) else None
-        want_input = any(r.return_logprob and r.logprob_start_len < len(r.input_ids) for r in live)
-        cache = transformers.DynamicCache(config=self.model.config)
-        rows = list(range(len(live)))  # batch row -> index into live
-        step = 0
-        try:
-            while rows:
-                self._gate([live[i] for i in rows])
-                if any(live[i].aborted for i in rows):
-                    for i in rows:
-                        if live[i].aborted:
-                            live[i].finish(_abort(live[i].aborted))
-                    ids, attn, pos, rows = self._compact(cache, ids, attn, pos, rows, live)
-                    continue  # the rest may still be paused: gate again
-                if capture is not None:
-                    capture.start()
-                out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                                 use_cache=True, logits_to_keep=0 if (step == 0 and want_input) else 1)
-                if capture is not None:
-                    routes = capture.collect(len(rows), ids.shape[1])
-                    for b, i in enumerate(rows):
-                        if live[i].return_routed_experts:
-                            live[i].routes.append(routes[b, width - lens[i]:] if step == 0 else routes[b, -1:])
-                if step == 0 and want_input:
-                    self._input_logprobs(out.logits, live, lens, width)
-                logits = out.logits[:, -1].float()
-                params = [live[i].params for i in rows]
-                # SGLang clamps to the dtype's min so an underflowed -inf never reaches JSON.
-                lps = reported_log_probs(logits, params, self.original_logprob)
-                lps.clamp_(min=torch.finfo(torch.float32).min)
-                toks = sample_tokens(logits, params, [gens[i] for i in rows])
-                chosen = lps.gather(1, toks[:, None]).squeeze(1).tolist()  # one conversion, not per row
-                for b, (i, tok) in enumerate(zip(rows, toks.tolist())):
-                    self._append(live[i], tok, chosen[b])
-                self.generated_tokens += len(rows)
-                ids = toks[:, None]
-                attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype)], dim=1)
-                pos = pos[:, -1:] + 1
-                ids, attn, pos, rows = self._compact(cache, ids, attn, pos, rows, live)
-                step += 1
-        finally:
-            if capture is not None:
-                capture.stop()
-
-    def _append(self, r: GenRequest, tok: int, lp: float) -> None:
-        if r.max_new_tokens == 0:
-            r.finish({"type": "length", "length": 0})
-            return
-        r.output_ids.append(tok)
-        r.output_logprobs.append(lp)
-        if tok in r.stop_token_ids or (not r.ignore_eos and tok in self.eos_ids):
-            r.finish({"type": "stop", "matched": tok})
-        elif len(r.output_ids) >= r.max_new_tokens:
-            r.finish({"type": "length", "length": r.max_new_tokens})
-
-    @staticmethod
-    def _compact(cache: Any, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, rows: list[int],
-                 live: list[GenRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-        keep = [b for b, i in enumerate(rows) if live[i].finish_reason is None]
-        if len(keep) == len(rows):
-            return ids, attn, pos, rows
-        idx = torch.tensor(keep, dtype=torch.long)
-        if keep:
-            cache.batch_select_indices(idx)
-        return ids[idx], attn[idx], pos[idx], [rows[b] for b in keep]
-
-    @staticmethod
-    def _input_logprobs(logits: torch.Tensor, live: list[GenRequest], lens: list[int], width: int) -> None:
-        """SGLang prompt log-probs: raw log_softmax, ``None`` for the first returned token."""
-        for b, r in enumerate(live):
-            if not r.return_logprob or r.logprob_start_len >= lens[b]:
-                continue
-            lsm = torch.log_softmax(logits[b].float(), dim=-1)
-            off = width - lens[b]
-            r.input_logprobs = [None] + [float(lsm[off + j - 1, r.input_ids[j]])
-                                         for j in range(r.logprob_start_len + 1, lens[b])]
 
     # ------------------------------------------------------------------ info
     def model_info(self) -> dict:

@@ -30,8 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megatron_vespo.rollout.embedded.weight_checks import check_finite
-from megatron_vespo.weight_sync.group import parse_dtype
-from megatron_vespo.weight_sync.tensor import reconstruct_flattened
+from megatron_vespo.wire import parse_dtype, reconstruct_flattened
 
 logger = logging.getLogger(__name__)
 

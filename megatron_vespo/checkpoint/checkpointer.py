@@ -24,14 +24,14 @@ from typing import Any, Optional
 
 from megatron_vespo.checkpoint import dist
 from megatron_vespo.checkpoint.config import CheckpointConfig
-from megatron_vespo.checkpoint.trainer_ckpt import LATEST_NAME, iteration_dir, latest_iteration
+from megatron_vespo.checkpoint.training import LATEST_NAME, iteration_dir, latest_iteration
 
 logger = logging.getLogger(__name__)
 
 
 def classify_checkpoint(path: str | Path) -> str:
     """``"hf"``, ``"model"`` (converted weights), ``"training"`` (save dir or iter dir); ValueError otherwise."""
-    from megatron_vespo.checkpoint.mcore_io import META_NAME
+    from megatron_vespo.checkpoint.model_ckpt import META_NAME
 
     path = Path(path)
     if not path.is_dir():
@@ -55,8 +55,8 @@ class Checkpointer:
         self._rng: Optional[dict] = None
 
     def clean(self) -> None:
-        """Collective: remove what killed saves left in ``save_dir`` (see ``trainer_ckpt.clean_save_dir``)."""
-        from megatron_vespo.checkpoint.trainer_ckpt import clean_save_dir
+        """Collective: remove what killed saves left in ``save_dir`` (see ``training.clean_save_dir``)."""
+        from megatron_vespo.checkpoint.training import clean_save_dir
 
         if self.cfg.save_dir and dist.rank() == 0:
             clean_save_dir(self.cfg.save_dir, keep=self.cfg.load)
@@ -69,14 +69,14 @@ class Checkpointer:
         drew random numbers between the load and that point (an in-process engine building its
         model, say) would otherwise shift every later draw of the resumed run.
         """
-        from megatron_vespo.checkpoint.trainer_ckpt import set_rng_state
+        from megatron_vespo.checkpoint.training import set_rng_state
 
         if self._rng is not None:
             set_rng_state(self._rng)
 
     def resume(self, model: Any, optimizer: Any = None, scheduler: Any = None) -> Optional[dict]:
         """Load ``checkpoint.load`` (or an existing ``save_dir``); returns the saved trainer state or None."""
-        from megatron_vespo.checkpoint.trainer_ckpt import load_trainer_checkpoint, read_rng_state, resolve_checkpoint
+        from megatron_vespo.checkpoint.training import load_trainer_checkpoint, read_rng_state, resolve_checkpoint
 
         self.clean()
         path = self.cfg.load
@@ -105,7 +105,7 @@ class Checkpointer:
         bf16/fp8 models and with the distributed optimizer; they are refreshed from the loaded
         weights, else the first step would write the random init back.
         """
-        from megatron_vespo.checkpoint.mcore_io import load_model_checkpoint
+        from megatron_vespo.checkpoint.model_ckpt import load_model_checkpoint
 
         if classify_checkpoint(path) == "hf":
             self._load_hf(model, path)
@@ -116,8 +116,8 @@ class Checkpointer:
 
     @staticmethod
     def _load_hf(model: Any, hf_dir: str) -> None:
-        from megatron_vespo.checkpoint.export import load_hf_weights
-        from megatron_vespo.checkpoint.hf_io import HFCheckpointReader, hf_dims
+        from megatron_vespo.checkpoint.hf_dir import HFCheckpointReader, hf_dims
+        from megatron_vespo.checkpoint.hf_weights import load_hf_weights
 
         _, dims = hf_dims(hf_dir)
         reader = HFCheckpointReader(hf_dir)
@@ -134,8 +134,8 @@ class Checkpointer:
     def maybe_save(self, iteration: int, model: Any, optimizer: Any = None, scheduler: Any = None, *,
                    state: Optional[dict] = None, force: bool = False) -> list[Path]:
         """Save what is due at ``iteration`` (``force``: a training checkpoint regardless); returns the paths."""
-        from megatron_vespo.checkpoint.mcore_io import save_hf_checkpoint
-        from megatron_vespo.checkpoint.trainer_ckpt import save_trainer_checkpoint
+        from megatron_vespo.checkpoint.hf_dir import save_hf_checkpoint
+        from megatron_vespo.checkpoint.training import save_trainer_checkpoint
 
         ckpt_due, hf_due = self.due(iteration)
         written = []

@@ -18,10 +18,10 @@ def test_checkpointer_loads_hf_saves_exports_and_resumes(tmp_path):
     pytest.importorskip("megatron.core")
     import json
 
+    from megatron_vespo.checkpoint.checkpointer import Checkpointer, classify_checkpoint
     from megatron_vespo.checkpoint.convert import conversion_model, parallel_config
-    from megatron_vespo.checkpoint.export import export_hf_state_dict
-    from megatron_vespo.checkpoint.hf_io import HFCheckpointReader
-    from megatron_vespo.checkpoint.manager import Checkpointer, classify_checkpoint
+    from megatron_vespo.checkpoint.hf_dir import HFCheckpointReader
+    from megatron_vespo.checkpoint.hf_weights import export_hf_state_dict
     from megatron_vespo.checkpoint.mapping import Qwen3MoeDims
 
     hf = make_tiny_hf(tmp_path / "hf", num_hidden_layers=2)

@@ -1,4 +1,4 @@
-"""Megatron model checkpoints (dist_checkpointing, torch_dist backend) and HF export of a live model.
+"""Megatron model checkpoint directories (dist_checkpointing, torch_dist backend).
 
 A *model checkpoint directory* (what ``convert hf-to-mcore`` writes, and what every training
 ``iter_XXXXXXX`` directory contains)::
@@ -8,8 +8,8 @@ A *model checkpoint directory* (what ``convert hf-to-mcore`` writes, and what ev
                                      loads under any TP/EP/PP layout)
     hf/                              config.json + tokenizer / generation files, passed through
 
-``save_hf_checkpoint`` writes a Hugging Face directory from a (sharded) live model, atomically;
-it is what ``convert mcore-to-hf`` and disk-based weight sync use.
+Hugging Face directories (reading them, and writing one from a live model) are in ``hf_dir``;
+the live model's HF-named tensors in ``hf_weights``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
-import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_vespo.checkpoint import dist
-from megatron_vespo.checkpoint.export import DEFAULT_BUCKET_BYTES, ShardLayout, iter_hf_weights, unwrap_model
-from megatron_vespo.checkpoint.hf_io import ShardedSafetensorsWriter, copy_side_files, read_hf_config
+from megatron_vespo.checkpoint.hf_dir import (
+    copy_side_files,
+    dtype_name,
+    hf_config_dict,
+    read_hf_config,
+)
+from megatron_vespo.checkpoint.hf_weights import ShardLayout, unwrap_model
 from megatron_vespo.checkpoint.mapping import Qwen3MoeDims
 from megatron_vespo.utils.imports import require
 
@@ -39,40 +43,6 @@ META_NAME = "megatron_vespo_checkpoint.json"
 FORMAT_VERSION = 1
 MODEL_SUBDIR = "model"
 HF_SUBDIR = "hf"
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling of HF configs and ModelConfig)."""
-    return _DTYPE_NAMES[dtype]
-
-
-def parse_dtype(name: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
-    """``"bfloat16"`` / ``"bf16"`` / a torch dtype -> torch dtype; None stays None."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    key = aliases.get(str(name), str(name))
-    for dtype, dname in _DTYPE_NAMES.items():
-        if dname == key:
-            return dtype
-    raise ValueError(f"unsupported dtype '{name}' (use float32, bfloat16 or float16)")
-
-
-def config_dtype(cfg: Mapping[str, Any]) -> Optional[torch.dtype]:
-    """The dtype an HF config declares (``dtype`` in transformers 5, ``torch_dtype`` before)."""
-    name = cfg.get("dtype") or cfg.get("torch_dtype")
-    try:
-        return parse_dtype(name) if name else None
-    except ValueError:
-        return None
-
-
-def hf_config_dict(hf_cfg: Any) -> dict:
-    """A plain dict of an HF config (``PretrainedConfig`` or mapping)."""
-    return dict(hf_cfg) if isinstance(hf_cfg, Mapping) else hf_cfg.to_dict()
-
-
 def strip_extra_state(sharded: dict) -> dict:
     """``sharded`` without the ``*._extra_state`` entries (what every model save / load here uses)."""
     # ``_extra_state`` holds Transformer Engine FP8 metadata (empty for local layers). Its
@@ -86,7 +56,7 @@ def write_model_checkpoint(model: Any, ckpt_dir: Path, hf_cfg: Any, *, source_di
     """Write ``model/``, ``hf/`` and the metadata file into the existing directory ``ckpt_dir`` (collective)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_vespo.checkpoint.compat import apply_dist_ckpt_cpu_compat
+    from megatron_vespo.compat.dist_ckpt import apply_dist_ckpt_cpu_compat
 
     apply_dist_ckpt_cpu_compat()
     gpt = unwrap_model(model)
@@ -163,7 +133,7 @@ def load_model_checkpoint(model: Any, ckpt_dir: str | os.PathLike) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from megatron_vespo.checkpoint.compat import apply_dist_ckpt_cpu_compat
+    from megatron_vespo.compat.dist_ckpt import apply_dist_ckpt_cpu_compat
 
     apply_dist_ckpt_cpu_compat()
     meta = read_checkpoint_meta(ckpt_dir)
@@ -179,75 +149,6 @@ def load_model_checkpoint(model: Any, ckpt_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{ckpt_dir}: state dict mismatch, missing {missing[:5]}, unexpected "
                          f"{result.unexpected_keys[:5]}")
     return meta
-
-
-# ----------------------------------------------------------------------------- HF export
-def save_hf_checkpoint(model: Any, hf_cfg: Any, out_dir: str | os.PathLike, *, source_dir: Optional[str] = None,
-                       dtype: Optional[torch.dtype | str] = None, max_shard_bytes: int = 5 * 2**30,
-                       bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                       verify_fn: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write the live (possibly TP/EP/PP-sharded) model as a Hugging Face directory at ``out_dir``.
-
-    Collective: every rank calls it; rank 0 writes. Output: safetensors shards of at most
-    ``max_shard_bytes`` + ``model.safetensors.index.json`` with per-expert names
-    (``mlp.experts.{e}.{gate,up,down}_proj.weight``, what SGLang and transformers load), config.json
-    and tokenizer/generation files copied from ``source_dir`` (else config.json from ``hf_cfg``).
-    ``dtype`` defaults to the config's dtype; ``"fp8"`` / ``fp8.blockwise.BlockFP8Format`` writes
-    block-FP8 linear weights with ``weight_scale_inv`` and a ``quantization_config`` (the rest in
-    bfloat16, or the model's 16-bit dtype). The directory appears only when complete;
-    ``verify_fn(tmp_dir)`` (every rank) may reject it before the rename.
-    """
-    from megatron_vespo.fp8.blockwise import as_block_fp8
-
-    cfg = read_hf_config(source_dir) if source_dir is not None else hf_config_dict(hf_cfg)
-    dims = Qwen3MoeDims.from_hf_config(cfg, source=str(Path(source_dir) / "config.json") if source_dir else "hf_cfg")
-    model_dtype = next(unwrap_model(model).parameters()).dtype
-    fp8 = as_block_fp8(dtype)  # block FP8 linear weights + quantization_config (fp8/blockwise.py)
-    if fp8 is not None:
-        dtype = fp8.dtype or (torch.bfloat16 if model_dtype == torch.float32 else model_dtype)
-        fp8 = type(fp8)(block=fp8.block, dtype=dtype)
-    dtype = parse_dtype(dtype) or config_dtype(cfg) or model_dtype
-    dist.check_output_dir(out_dir)
-    with dist.dist_atomic_dir(out_dir) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes) if dist.rank() == 0 else None
-        for bucket in iter_hf_weights(model, dims, bucket_bytes=bucket_bytes, dtype=fp8 or dtype, dst=0):
-            if writer is not None:
-                writer.add_all(bucket)
-        if writer is not None:
-            shards = writer.finalize()
-            if source_dir is not None:
-                copy_side_files(source_dir, tmp)
-            quant_changed = cfg.get("quantization_config") != (fp8.config() if fp8 is not None else None)
-            if fp8 is not None:
-                cfg["quantization_config"] = fp8.config()
-            else:
-                cfg.pop("quantization_config", None)  # the weights written are not quantised
-            if _normalize_config(cfg, dtype) or source_dir is None or quant_changed:
-                (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-            logger.info("wrote %d HF shard(s), %.1f MB, dtype %s to %s", len(shards), writer.total_bytes / 1e6,
-                        dtype_name(dtype), out_dir)
-        dist.barrier()
-        if verify_fn is not None:
-            verify_fn(tmp)
-    return Path(out_dir)
-
-
-def _normalize_config(cfg: dict, dtype: torch.dtype) -> bool:
-    """Make ``cfg`` describe the written weights for every loader; True when it changed.
-
-    * the declared dtype must be the dtype of the safetensors we write;
-    * transformers 5 saves the expert count as ``num_local_experts`` only, which transformers 4.x
-      (hence SGLang / vLLM images pinned to it) ignores, silently defaulting ``num_experts`` to 128.
-    """
-    changed = False
-    if config_dtype(cfg) != dtype:
-        for key in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
-            cfg[key] = dtype_name(dtype)
-        changed = True
-    if "num_experts" not in cfg and "num_local_experts" in cfg:
-        cfg["num_experts"] = cfg["num_local_experts"]
-        changed = True
-    return changed
 
 
 def _megatron_version() -> str:

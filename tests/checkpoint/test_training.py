@@ -4,8 +4,8 @@ import pytest
 import torch
 from resume_cases import SAVE_AT, save_then_resume
 
-from megatron_vespo.checkpoint import trainer_ckpt
-from megatron_vespo.checkpoint.trainer_ckpt import (
+from megatron_vespo.checkpoint import training
+from megatron_vespo.checkpoint.training import (
     LATEST_NAME,
     latest_iteration,
     latest_iteration_dir,
@@ -28,7 +28,7 @@ def test_pointer_rotation_and_failed_save(tmp_path, monkeypatch):
     assert latest_iteration(tmp_path) is None
     with pytest.raises(ValueError, match="no complete checkpoint"):
         latest_iteration_dir(tmp_path)
-    monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _fake_model_writer())
+    monkeypatch.setattr(training, "write_model_checkpoint", _fake_model_writer())
     for it in (10, 20, 30):
         save_trainer_checkpoint(tmp_path, it, model=None, hf_cfg={}, state={"policy_version": it}, keep_last=2)
     assert list_iterations(tmp_path) == [20, 30] and latest_iteration(tmp_path) == 30
@@ -36,7 +36,7 @@ def test_pointer_rotation_and_failed_save(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "iter_0000030" / "trainer_state.pt", weights_only=False)["state"] == \
         {"iteration": 30, "policy_version": 30}
     # a save that fails half-way leaves neither a directory nor a moved pointer
-    monkeypatch.setattr(trainer_ckpt, "write_model_checkpoint", _fake_model_writer(fail=True))
+    monkeypatch.setattr(training, "write_model_checkpoint", _fake_model_writer(fail=True))
     with pytest.raises(OSError, match="disk full"):
         save_trainer_checkpoint(tmp_path, 40, model=None, hf_cfg={}, keep_last=2)
     assert list_iterations(tmp_path) == [20, 30] and latest_iteration(tmp_path) == 30
@@ -75,7 +75,7 @@ def test_resume_is_exact_one_process(tmp_path):
 def _ep2_worker(rank, world, save_dir):
     from resume_cases import make_actor
 
-    from megatron_vespo.checkpoint.trainer_ckpt import load_trainer_checkpoint
+    from megatron_vespo.checkpoint.training import load_trainer_checkpoint
     from megatron_vespo.train.parallel import destroy_parallel
 
     ep2 = dict(expert_model_parallel_size=2)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from megatron_vespo.checkpoint.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, copy_side_files
+from megatron_vespo.checkpoint.hf_dir import HFCheckpointReader, ShardedSafetensorsWriter, copy_side_files
 
 
 def test_writer_shards_by_size_and_reader_reads_back(tmp_path):

@@ -40,9 +40,9 @@ from typing import Any, Optional
 import torch
 
 from megatron_vespo.checkpoint import dist
-from megatron_vespo.checkpoint.export import unwrap_model
 from megatron_vespo.checkpoint.faults import fault_point
-from megatron_vespo.checkpoint.mcore_io import LOAD_ERRORS, load_model_checkpoint, write_model_checkpoint
+from megatron_vespo.checkpoint.hf_weights import unwrap_model
+from megatron_vespo.checkpoint.model_ckpt import LOAD_ERRORS, load_model_checkpoint, write_model_checkpoint
 from megatron_vespo.checkpoint.safety import explain_disk_full, safe_torch_load
 from megatron_vespo.utils.io import atomic_path
 
@@ -201,7 +201,7 @@ def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = N
 
 # ----------------------------------------------------------------------------- optimizer
 def _optimizer_sharded_state(optimizer: Any, model: Any, is_loading: bool) -> dict:
-    from megatron_vespo.checkpoint.mcore_io import strip_extra_state
+    from megatron_vespo.checkpoint.model_ckpt import strip_extra_state
 
     model_sd = strip_extra_state(unwrap_model(model).sharded_state_dict())
     # fully_reshardable: the distributed optimizer's state is stored per parameter (model space),
@@ -368,7 +368,7 @@ def load_trainer_checkpoint(load_dir: str | os.PathLike, *, model: Any, optimize
     if optimizer is not None:
         if not (ckpt / "optimizer" / "metadata.json").is_file():
             raise ValueError(f"{ckpt / 'optimizer'}: no optimizer state in this checkpoint")
-        from megatron_vespo.checkpoint.compat import patch_torch_adam_resume
+        from megatron_vespo.compat.dist_ckpt import patch_torch_adam_resume
 
         patch_torch_adam_resume()
         _prime_empty_adam_state(optimizer)
