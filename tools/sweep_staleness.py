@@ -68,10 +68,59 @@ def plot(agg: list[dict], path: Path, metric: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_curves(cells: list[dict], path: Path) -> None:
+    """Per loss: rollout reward (top) and the ESS of pi/pi_old (bottom) against optimizer updates, one
+    line per N (mean over seeds), sync cells only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sync = [c for c in cells if c["mode"] == "sync" and c.get("reward_curve")]
+    losses = list(dict.fromkeys(c["loss"] for c in sync))
+    if not losses:
+        return
+    fig, axes = plt.subplots(2, len(losses), figsize=(3.2 * len(losses), 5.5), squeeze=False, sharey="row")
+    for j, loss in enumerate(losses):
+        for n in sorted({c["n"] for c in sync if c["loss"] == loss}):
+            runs = [c for c in sync if c["loss"] == loss and c["n"] == n]
+            for row, key, step in ((0, "reward_curve", n), (1, "ess_curve", 1)):
+                length = min(len(c[key]) for c in runs)
+                if not length:
+                    continue
+                ys = np.nanmean(np.array([c[key][:length] for c in runs], dtype=float), axis=0)
+                axes[row, j].plot(np.arange(1, length + 1) * step, ys, label=f"N={n}", lw=1)
+        axes[0, j].set_title(loss)
+        axes[1, j].set_xlabel("optimizer update")
+    axes[0, 0].set_ylabel("rollout reward (behaviour policy)")
+    axes[1, 0].set_ylabel("ESS(pi / pi_old) / n")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def ensure_task(config: str) -> None:
+    """Prepare the staleness task (SFT warm-up, prompts) when the job is the staleness task and its
+    model directory does not exist yet (``tools/staleness_task.py prepare``, a few minutes)."""
+    import subprocess
+
+    import yaml
+
+    hf_path = (yaml.safe_load(Path(config).read_text()).get("model") or {}).get("hf_path")
+    if Path(config).name != "cpu_staleness.yaml" or not hf_path or (Path(hf_path) / "config.json").exists():
+        return
+    task_dir = Path(hf_path).parent
+    logging.info("preparing the staleness task in %s (tools/staleness_task.py prepare)", task_dir)
+    subprocess.run([sys.executable, str(ROOT / "tools" / "staleness_task.py"), "prepare", "--out", str(task_dir)],
+                   check=True)
+
+
 def main() -> None:
     """Run missing cells, then aggregate everything finished."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "examples" / "configs" / "tiny_cpu_vespo.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "examples" / "configs" / "cpu_staleness.yaml"),
+                    help="job every cell runs (default: the staleness task, prepared on first use)")
     ap.add_argument("--losses", nargs="+", default=["vespo", "grpo", "gspo", "sapo", "cispo"])
     ap.add_argument("--staleness", nargs="+", type=int, default=[1, 4, 8, 16, 32, 64])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -89,6 +138,7 @@ def main() -> None:
         args.losses, args.staleness, args.seeds, args.async_lags = ["vespo", "grpo"], [1, 4], [0], []
         args.updates, args.eval_every_updates = 8, 4
     out = Path(args.out)
+    ensure_task(args.config)
     protocol = Protocol(args.updates, args.mini_batch, args.eval_every_updates)
     cells = grid(args.losses, args.staleness, args.seeds, args.async_lags)
     done = load_done(out)
@@ -110,7 +160,7 @@ def main() -> None:
     metric = finished[0]["metric"]
     doc = {"task": args.config, "metric": metric, "updates": args.updates, "mini_batch": args.mini_batch,
            "versions": versions(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "cells": [{k: v for k, v in d.items() if k != "eval_curve"} for d in finished],
+           "cells": finished,
            "aggregate": agg, "aggregate_best": aggregate(finished, "eval_best")}
     tmp = out / "staleness.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1))
@@ -118,6 +168,7 @@ def main() -> None:
     table = markdown_table(agg)
     (out / "table.md").write_text(table + "\n")
     plot(agg, out / "staleness.png", metric)
+    plot_curves(finished, out / "curves.png")
     logging.info("final-policy held-out %s, mean ± std (seeds):\n%s", metric, table)
 
 

@@ -103,11 +103,20 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
 
     return {"metric": key, "eval": evals[-1][key], "eval_best": best[key], "eval_best_rollout": best.get("rollout"),
             "eval_greedy": evals[-1].get("eval/greedy", float("nan")),
+            "eval_pass": next((v for k, v in evals[-1].items() if k.startswith("eval/pass@")), float("nan")),
             "eval_curve": [(r.get("rollout"), r[key]) for r in evals],
             "reward_first": rollouts[0]["rollout/reward_mean"] if rollouts else float("nan"),
             "reward_last": rollouts[-1]["rollout/reward_mean"] if rollouts else float("nan"),
             "updates": len(updates), "grad_norm_max": max((u.get("grad_norm", 0.0) for u in updates), default=0.0),
-            "ess_mean": mean(updates, "loss/vespo/ess"), "kl_old_mean": mean(updates, "kl_old")}
+            "ess_mean": mean(updates, "loss/vespo/ess"), "kl_old_mean": mean(updates, "kl_old"),
+            # loss-independent weight statistics (train/metrics.py): ESS of pi/pi_old, largest |log W|
+            "is_ess_mean": mean(updates, "is/ess"),
+            "is_ess_min": min((u["is/ess"] for u in updates if "is/ess" in u), default=float("nan")),
+            "seq_log_w_absmax": max((u["is/seq_log_w_absmax"] for u in updates if "is/seq_log_w_absmax" in u),
+                                    default=float("nan")),
+            "clipfrac_mean": mean(updates, "ratio/clipfrac"),
+            "ess_curve": [u.get("is/ess", float("nan")) for u in updates],
+            "reward_curve": [r["rollout/reward_mean"] for r in rollouts]}
 
 
 def run_cell(cell: Cell, config: str, out: Path, protocol: Protocol, extra: list[str] = ()) -> dict[str, Any]:
@@ -125,13 +134,26 @@ def run_cell(cell: Cell, config: str, out: Path, protocol: Protocol, extra: list
                            f"{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result = {**asdict(cell), **summarize(rows), "seconds": time.perf_counter() - t0,
-              "command": " ".join(cmd[1:])}
+              "command": " ".join(cmd[1:]), "commit": _commit()}
     path = out / "cells" / f"{cell.cell_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)
     return result
+
+
+def _commit() -> str:
+    """The code's git commit (with ``+dirty`` when the tree has changes), recorded in every cell."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if dirty else "")
 
 
 def load_done(out: Path) -> dict[str, dict]:
