@@ -116,6 +116,24 @@ def ensure_task(config: str) -> None:
                    check=True)
 
 
+def baseline(config: str, out: Path, extra: list[str]) -> dict:
+    """Held-out scores of the starting policy (``model.hf_path``, shared by every cell): ``megatron-vespo
+    eval`` once, cached in ``<out>/baseline.json``."""
+    import subprocess
+
+    path = out / "baseline.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "megatron_vespo.cli", "--log-level", "WARNING", "eval", config,
+           "--json", str(path.with_suffix(".tmp"))]
+    for s in extra:
+        cmd += ["--set", s]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    os.replace(path.with_suffix(".tmp"), path)
+    return json.loads(path.read_text())
+
+
 def main() -> None:
     """Run missing cells, then aggregate everything finished."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -157,9 +175,14 @@ def main() -> None:
     if not finished:
         return
     agg = aggregate(finished)
+    try:
+        start = baseline(args.config, out, args.extra)
+    except Exception as exc:  # noqa: BLE001 - the table does not need it
+        logging.error("baseline evaluation failed: %s", exc)
+        start = {}
     metric = finished[0]["metric"]
     doc = {"task": args.config, "metric": metric, "updates": args.updates, "mini_batch": args.mini_batch,
-           "versions": versions(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "versions": versions(), "baseline": start, "command": " ".join([Path(sys.executable).name, *sys.argv]),
            "cells": finished,
            "aggregate": agg, "aggregate_best": aggregate(finished, "eval_best")}
     tmp = out / "staleness.json.tmp"

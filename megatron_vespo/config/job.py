@@ -102,6 +102,15 @@ class JobConfig(Section):
             raise ValueError("loss.rollout_is weights pi_old / mu_rollout are exactly 1 when "
                              "train.old_log_prob_source=rollout (pi_old is the rollout's mu): use "
                              "old_log_prob_source=recompute with loss.rollout_is, or disable loss.rollout_is")
+        if "train_iters" not in self.train.model_fields_set:
+            # the LR schedule spans the run unless told otherwise: with the old default of 1 step a
+            # warm-up was clipped to 0 updates without a word (found calibrating the staleness task)
+            object.__setattr__(self.train, "train_iters", self.loop.num_rollouts)
+        updates = self.train.train_iters * self.train.staleness
+        if self.train.lr_warmup_steps and self.train.lr_warmup_steps >= updates:
+            raise ValueError(f"train.lr_warmup_steps ({self.train.lr_warmup_steps}) must be below the updates the LR "
+                             f"schedule spans, train.train_iters x N = {self.train.train_iters} x "
+                             f"{self.train.staleness} = {updates} (train.train_iters defaults to loop.num_rollouts)")
         self.train.check_optimizer_layout(self.parallel)  # CPU Adam / precision-aware optimizer need the dist. opt.
         from megatron_vespo.fp8.te import check_fp8_job
 

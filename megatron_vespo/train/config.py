@@ -58,7 +58,8 @@ class TrainConfig(Section):
     update 1's own forward (ratio 1 there, as verl on-policy) instead of a separate forward; the other mini-batches
     still get one before update 1. Not with routing R2 or rollout-IS weights (they need every old log-prob first)."""
     train_iters: int = Field(1, ge=1)
-    """Rollout steps the LR schedule spans (x N updates each)."""
+    """Rollout steps the LR schedule (warm-up, decay) spans, x N updates each; in a job it defaults to
+    loop.num_rollouts."""
     seed: int = 1234
     """Trainer seed (Megatron model-parallel RNG, data order)."""
     # memory (megatron-core 0.16.1 OptimizerConfig fields, optimizer/optimizer_config.py):

@@ -175,3 +175,12 @@ def test_weight_sync_kind_and_deprecated_loop_alias(tmp_path, caplog):
         load_config(JobConfig, None, ["loop.weight_sync=tensor", "weight_sync.kind=distributed"])
     with pytest.raises(ConfigError, match="loop.weight_sync"):
         load_config(JobConfig, None, ["loop.weight_sync=ipc"])
+
+
+def test_lr_schedule_spans_the_run_and_warmup_must_fit():
+    """train.train_iters defaulted to 1, so lr_warmup_steps was silently clipped to no warm-up."""
+    job = load_config(JobConfig, None, ["loop.num_rollouts=40", "train.lr_warmup_steps=8"])
+    assert job.train.train_iters == 40
+    assert load_config(JobConfig, None, ["loop.num_rollouts=40", "train.train_iters=5"]).train.train_iters == 5
+    with pytest.raises(ConfigError, match=r"train.lr_warmup_steps \(80\).*= 40"):
+        load_config(JobConfig, None, ["loop.num_rollouts=40", "train.lr_warmup_steps=80"])
