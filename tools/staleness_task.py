@@ -20,7 +20,7 @@ one token per character of ``0-9 + = ,`` plus ``<pad> <bos> <eos>``.
 * ``summary.json``: parameter count, SFT loss, greedy held-out accuracy after SFT.
 
     python tools/staleness_task.py prepare --out outputs/staleness_task
-    megatron-vespo train examples/configs/cpu_staleness.yaml
+    megatron-vespo train examples/configs/cpu_addition_scratchpad.yaml
 """
 
 from __future__ import annotations

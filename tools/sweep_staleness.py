@@ -7,7 +7,7 @@ aggregate lands in ``<out>/staleness.json`` (one cell per (loss, N, seed)), ``ta
 ``staleness.png``.
 
     python tools/sweep_staleness.py --out docs/results/staleness                # the full grid
-    python tools/sweep_staleness.py --quick --out /tmp/sweep_quick              # a few minutes
+    python tools/sweep_staleness.py --quick --out /tmp/sweep_quick              # 4 cells, about 10 minutes
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def ensure_task(config: str) -> None:
     import yaml
 
     hf_path = (yaml.safe_load(Path(config).read_text()).get("model") or {}).get("hf_path")
-    if Path(config).name != "cpu_staleness.yaml" or not hf_path or (Path(hf_path) / "config.json").exists():
+    if Path(config).name != "cpu_addition_scratchpad.yaml" or not hf_path or (Path(hf_path) / "config.json").exists():
         return
     task_dir = Path(hf_path).parent
     logging.info("preparing the staleness task in %s (tools/staleness_task.py prepare)", task_dir)
@@ -143,18 +143,18 @@ def main() -> None:
     ap.add_argument("--staleness", nargs="+", type=int, default=[1, 4, 8, 16, 32, 64])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--async-lags", nargs="*", type=int, default=[1, 2, 4])
-    ap.add_argument("--updates", type=int, default=64)
-    ap.add_argument("--mini-batch", type=int, default=16)
-    ap.add_argument("--eval-every-updates", type=int, default=16)
+    ap.add_argument("--updates", type=int, default=128)
+    ap.add_argument("--mini-batch", type=int, default=32)
+    ap.add_argument("--eval-every-updates", type=int, default=32)
     ap.add_argument("--jobs", type=int, default=2, help="cells run at once (2 cores: 2)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every cell")
-    ap.add_argument("--quick", action="store_true", help="vespo/grpo, N in {1, 4}, 1 seed, 8 updates")
+    ap.add_argument("--quick", action="store_true",
+                    help="vespo/grpo at N in {1, 32}, seed 0, the full protocol (cells comparable with the grid's)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.quick:
-        args.losses, args.staleness, args.seeds, args.async_lags = ["vespo", "grpo"], [1, 4], [0], []
-        args.updates, args.eval_every_updates = 8, 4
+        args.losses, args.staleness, args.seeds, args.async_lags = ["vespo", "grpo"], [1, 32], [0], []
     out = Path(args.out)
     ensure_task(args.config)
     protocol = Protocol(args.updates, args.mini_batch, args.eval_every_updates)
