@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "examples" / "configs" / "cpu_staleness.yaml"),
                     help="job every cell runs (default: the staleness task, prepared on first use)")
     ap.add_argument("--losses", nargs="+", default=["vespo", "grpo", "gspo", "sapo", "cispo"])
-    ap.add_argument("--staleness", nargs="+", type=int, default=[1, 4, 8, 16, 32, 64])
+    ap.add_argument("--staleness", nargs="*", type=int, default=[1, 4, 8, 16, 32, 64])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--async-lags", nargs="*", type=int, default=[1, 2, 4])
     ap.add_argument("--updates", type=int, default=128)
