@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_vespo.evidence.mechanism import DEFAULT_PARAMS
+from megatron_vespo.evidence.mechanism import DEFAULT_PARAMS, VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Cell:
                              "number of updates")
         rollouts = p.updates // self.n
         eval_every = max(1, p.eval_every_updates // self.n)
-        params = DEFAULT_PARAMS.get(self.loss.split("@")[0], {})
+        params = VARIANTS.get(self.loss, DEFAULT_PARAMS.get(self.loss.split("@")[0], {}))  # "vespo@len_T" etc.
         sets = [f"loss.name={self.loss.split('@')[0]}", f"loss.params={json.dumps(params)}",
                 f"train.mini_batch_size={p.mini_batch}", f"train.rollout_batch_size={p.mini_batch * self.n}",
                 f"loop.num_rollouts={rollouts}", f"loop.eval_every={eval_every}", f"train.seed={self.seed}",

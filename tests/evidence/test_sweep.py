@@ -31,6 +31,8 @@ def test_protocol_keeps_updates_and_mini_batch_fixed_across_n():
     job = load_config(JobConfig, CFG, Cell("vespo", 1, 2, "async", 4).overrides(p))
     assert job.loop.mode == "async" and job.loop.max_policy_lag == 4
     assert job.train.old_log_prob_source == "rollout"  # W must see the lag
+    ablation = load_config(JobConfig, CFG, Cell("vespo@len_sqrtT", 4, 0).overrides(p))
+    assert ablation.loss.name == "vespo" and ablation.loss.params["length_norm_power"] == 0.5
     with pytest.raises(ValueError, match="multiple of N"):
         Cell("vespo", 3, 0).overrides(p)
 
