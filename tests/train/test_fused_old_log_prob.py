@@ -76,3 +76,30 @@ def test_cpu_adam_takes_the_multi_tensor_path():
     opts = getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])
     groups = [g for o in opts for g in o.optimizer.param_groups]
     assert groups and all(g["foreach"] is True for g in groups)
+
+
+def test_cpu_clip_grad_norm_and_scale_use_foreach_ops_bit_for_bit():
+    """Megatron's CPU fallbacks loop over tensors in Python; the foreach versions must give the same bits."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_vespo.compat.cpu import device_mode
+    from megatron_vespo.train import optim
+
+    make_actor({}, train={})  # build_optimizer installs them
+    assert clip_grads.l2_norm_impl is optim.foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is optim.foreach_scale
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(*shape, generator=g) * s for shape, s in (((37, 5), 1e-3), ((129,), 7.0), ((3, 4, 5), 1.0))]
+    with device_mode():  # the fallbacks allocate on "cuda"
+        ref, _ = mutils.local_multi_tensor_l2_norm(0, None, [grads], False)
+    got, _ = optim.foreach_l2_norm(0, None, [grads], False)
+    assert got.shape == ref.shape == (1,) and torch.equal(got, ref)
+    a, b = [x.clone() for x in grads], [x.clone() for x in grads]
+    mutils.local_multi_tensor_scale(0, None, [a, a], 0.37)
+    optim.foreach_scale(0, None, [b, b], 0.37)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    src, dst_ref, dst = grads, [torch.empty_like(x) for x in grads], [torch.empty_like(x) for x in grads]
+    mutils.local_multi_tensor_scale(0, None, [src, dst_ref], 1.0)
+    optim.foreach_scale(0, None, [src, dst], 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(dst_ref, dst))
