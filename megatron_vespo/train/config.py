@@ -6,7 +6,7 @@ checkpoint/ use too); ``ParallelConfig`` is re-exported here for older imports.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -54,6 +54,10 @@ class TrainConfig(Section):
     """With recompute, update 1 runs on the weights the old log-probs are computed with, so its rows take them from
     update 1's own forward (ratio 1 there, as verl on-policy) instead of a separate forward; the other mini-batches
     still get one before update 1. Not with routing R2 or rollout-IS weights (they need every old log-prob first)."""
+    torch_threads: Optional[int] = Field(None, ge=1)
+    """Torch threads of each trainer process (CPU). Unset: OMP_NUM_THREADS if set, else torch's default in sync mode
+    and, in async mode with embedded engines, an even split of the cores with the engine processes
+    (orchestration/threads.py), so the two do not oversubscribe them."""
     train_iters: int = Field(1, ge=1)
     """Rollout steps the LR schedule spans (x N updates each)."""
     seed: int = 1234
