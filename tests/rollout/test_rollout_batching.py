@@ -183,3 +183,34 @@ def test_batched_body_over_http_matches_hf_rescoring_and_routes(tmp_path):
         mu, routes, _ = rescore(ref, s.tokens, len(s.prompt_tokens), 0.8)
         assert (s.rollout_log_probs - mu).abs().max().item() < 1e-5
         assert routes_equal(s.routed_experts, routes, sort_topk=False)
+
+
+def test_thread_server_connections_do_not_wait_for_delayed_acks():
+    """The thread-mode server binds its own socket (proto 0), which asyncio's transports do not set
+    TCP_NODELAY on: the tail of each response then waited ~40 ms for the client's delayed ACK on
+    back-to-back requests. The connection the server accepts must have Nagle off."""
+    import socket
+
+    handle = start_embedded_server(preset="tiny", random_seed=0)
+    try:
+        host, port = handle.url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(1024).startswith(b"HTTP/1.1 200")
+            peer = client.getsockname()
+            server_side = [s for srv in handle._server.servers for s in srv.sockets]
+            assert server_side and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in server_side)
+            conns = [c for c in _accepted(handle) if c.getpeername() == peer]
+            assert conns and all(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for c in conns)
+    finally:
+        handle.stop()
+
+
+def _accepted(handle):
+    """The sockets of the connections the uvicorn server holds open."""
+    out = []
+    for conn in getattr(handle._server.server_state, "connections", ()):
+        sock = conn.transport.get_extra_info("socket") if getattr(conn, "transport", None) else None
+        if sock is not None:
+            out.append(sock)
+    return out
