@@ -78,6 +78,24 @@ def test_cpu_adam_takes_the_multi_tensor_path():
     assert groups and all(g["foreach"] is True for g in groups)
 
 
+def test_cpu_adam_fused_is_a_choice_and_close_to_foreach():
+    """train.cpu_adam=fused: torch's fused CPU AdamW kernel; the same update up to last-bit rounding."""
+    torch.manual_seed(0)
+    fe = make_actor({}, train={})
+    batch = make_batch(fe)
+    torch.manual_seed(0)
+    fu = make_actor({}, train={"cpu_adam": "fused"})
+    opts = getattr(fu.optimizer, "chained_optimizers", [fu.optimizer])
+    groups = [g for o in opts for g in o.optimizer.param_groups]
+    assert groups and all(g["fused"] is True and not g["foreach"] for g in groups)
+    for _ in range(2):
+        fe.train_on_rollout(batch)
+        fu.train_on_rollout(batch)
+    for a, b in zip(fe.model[0].parameters(), fu.model[0].parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(fe.model[0].parameters(), fu.model[0].parameters()))
+
+
 def test_cpu_clip_grad_norm_and_scale_use_foreach_ops_bit_for_bit():
     """Megatron's CPU fallbacks loop over tensors in Python; the foreach versions must give the same bits."""
     from megatron.core import utils as mutils
