@@ -14,8 +14,9 @@ this process. Prints ms/update, tokens/s and the ratio to HF; ``--json`` writes 
 model trained on a rollout-shaped batch (``--batch`` 64 rows of ``--seq`` 14 tokens, one
 micro-batch, lr 3e-4, VESPO) by the Megatron actor and, alternating with it in the same process,
 by the HF model with the same token-level policy-gradient loss, clipping and AdamW. The actor
-also runs with the CPU speed-ups of issue 15 switched off (megatron's SequentialMLP forward and
-its per-tensor clip-grad fallbacks) so "before" and "after" are measured side by side.
+also runs with the CPU speed-ups of issue 15 switched off (megatron's SequentialMLP forward, its
+per-tensor clip-grad fallbacks, foreach instead of fused AdamW) so "before" and "after" are
+measured side by side. The HF step uses fused AdamW, as transformers' Trainer (and so TRL) does.
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ def _cpu_speedups(actor, on: bool) -> None:
             m.__class__ = CpuSequentialMLP if on else SequentialMLP
     clip_grads.l2_norm_impl = optim.foreach_l2_norm if on else mutils.local_multi_tensor_l2_norm
     clip_grads.multi_tensor_scale_impl = optim.foreach_scale if on else mutils.local_multi_tensor_scale
+    for opt in getattr(actor.optimizer, "chained_optimizers", [actor.optimizer]):
+        for group in opt.optimizer.param_groups:  # train.cpu_adam: fused (after) / foreach (before)
+            group["fused"], group["foreach"] = on, not on
 
 
 def bench_task(args: argparse.Namespace) -> dict:
@@ -156,7 +160,7 @@ def bench_task(args: argparse.Namespace) -> dict:
                                       micro_batch_size=args.batch, lr=3e-4), LossConfig(name="vespo"))
     batch = synthetic_batch(args.batch, args.seq, actor.hf_cfg.vocab_size, seed=1)
     model = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)  # transformers' Trainer default (TRL)
     mask = batch.loss_mask[:, 1:]
 
     def hf_step() -> None:
