@@ -8,6 +8,15 @@ this process. Prints ms/update, tokens/s and the ratio to HF; ``--json`` writes 
 
     python tools/bench_train_step.py --preset small --batch 8 --seq 128 --steps 10
     python tools/bench_train_step.py --profile      # torch.profiler table of the 1-process update
+    python tools/bench_train_step.py --task-dir outputs/cpu_addition   # issue 15's update vs HF, see below
+
+``--task-dir`` (the addition task of ``tools/addition_task.py``): one process, 1 thread, the SFT
+model trained on a rollout-shaped batch (``--batch`` 64 rows of ``--seq`` 14 tokens, one
+micro-batch, lr 3e-4, VESPO) by the Megatron actor and, alternating with it in the same process,
+by the HF model with the same token-level policy-gradient loss, clipping and AdamW. The actor
+also runs with the CPU speed-ups of issue 15 switched off (megatron's SequentialMLP forward, its
+per-tensor clip-grad fallbacks, foreach instead of fused AdamW) so "before" and "after" are
+measured side by side. The HF step uses fused AdamW, as transformers' Trainer (and so TRL) does.
 """
 
 from __future__ import annotations
@@ -115,6 +124,78 @@ def bench_hf(args: argparse.Namespace) -> list[float]:
     return times
 
 
+def _cpu_speedups(actor, on: bool) -> None:
+    """Switch the CPU speed-ups of issue 15 on or off (same numerics either way, see their tests)."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_vespo.models.cpu_experts import CpuSequentialMLP
+    from megatron_vespo.train import optim
+
+    for m in actor.model[0].modules():
+        if isinstance(m, SequentialMLP):
+            m.__class__ = CpuSequentialMLP if on else SequentialMLP
+    clip_grads.l2_norm_impl = optim.foreach_l2_norm if on else mutils.local_multi_tensor_l2_norm
+    clip_grads.multi_tensor_scale_impl = optim.foreach_scale if on else mutils.local_multi_tensor_scale
+    for opt in getattr(actor.optimizer, "chained_optimizers", [actor.optimizer]):
+        for group in opt.optimizer.param_groups:  # train.cpu_adam: fused (after) / foreach (before)
+            group["fused"], group["foreach"] = on, not on
+
+
+def bench_task(args: argparse.Namespace) -> dict:
+    """Megatron update (speed-ups on / off) vs an HF step on the addition model, interleaved in one process."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_vespo.losses.config import LossConfig
+    from megatron_vespo.models.config import ModelConfig
+    from megatron_vespo.train.actor import MegatronActor
+    from megatron_vespo.train.config import ParallelConfig, TrainConfig
+    from megatron_vespo.train.synthetic import synthetic_batch
+
+    torch.set_num_threads(args.threads)
+    sft = os.path.join(args.task_dir, "sft")
+    actor = MegatronActor(ModelConfig(hf_path=sft), ParallelConfig(),
+                          TrainConfig(rollout_batch_size=args.batch, mini_batch_size=args.batch,
+                                      micro_batch_size=args.batch, lr=3e-4), LossConfig(name="vespo"))
+    batch = synthetic_batch(args.batch, args.seq, actor.hf_cfg.vocab_size, seed=1)
+    model = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)  # transformers' Trainer default (TRL)
+    mask = batch.loss_mask[:, 1:]
+
+    def hf_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=batch.tokens).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, batch.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+        (-(batch.advantages[:, None] * lp * mask).sum() / mask.sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    def megatron(on: bool):
+        def step() -> None:
+            _cpu_speedups(actor, on)
+            actor.train_on_rollout(batch)
+        return step
+
+    runs = {"hf": hf_step, "megatron_before": megatron(False), "megatron_after": megatron(True)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    names = list(runs)
+    for i in range(args.warmup + args.steps):
+        for name in names[i % 3:] + names[:i % 3]:  # rotate the order
+            t0 = time.perf_counter()
+            runs[name]()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    _cpu_speedups(actor, True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {k: {"ms": 1e3 * med[k], "ratio_to_hf": med[k] / med["hf"]} for k in runs}
+    print(f"task={args.task_dir} rows={args.batch} seq={args.seq} threads={args.threads} steps={args.steps} "
+          f"torch={torch.__version__} load={os.getloadavg()[0]:.1f}")
+    for k, v in out.items():
+        print(f"{k:18s} {v['ms']:8.1f} ms  {v['ratio_to_hf']:5.2f} x HF")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,7 +213,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="repeat every layout this many times (interleaved) and keep the fastest median: "
                          "robust to other load on a shared machine")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--task-dir", help="the addition task (tools/addition_task.py): Megatron update vs HF step, "
+                                       "speed-ups on/off, one process (defaults become --batch 64 --seq 14 "
+                                       "--threads 1 --steps 20)")
     args = ap.parse_args(argv)
+    if args.task_dir:
+        given = set(argv if argv is not None else sys.argv[1:])
+        for flag, value in (("--batch", 64), ("--seq", 14), ("--threads", 1), ("--steps", 20)):
+            if flag not in given:
+                setattr(args, flag[2:], value)
+        out = bench_task(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "results": out}, f, indent=2)
+        return 0
     layouts = {"1proc": ({}, 1), "ep2": ({"expert_model_parallel_size": 2}, 2),
                "tp2sp": ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, 2)}
     tokens = args.batch * args.seq

@@ -227,8 +227,13 @@ def get_layer_spec(tf_config: Any, use_te: Optional[bool] = None, vp_stage: Opti
     specs = require("megatron.core.models.gpt.gpt_layer_specs", "building the layer spec")
     if use_te is None:
         use_te = use_transformer_engine()
-    return specs.get_gpt_decoder_block_spec(tf_config, use_transformer_engine=use_te,
+    spec = specs.get_gpt_decoder_block_spec(tf_config, use_transformer_engine=use_te,
                                             normalization="RMSNorm", vp_stage=vp_stage)
+    if not use_te:  # local spec: the CPU experts skip Megatron's per-expert wrappers (same bits; cpu_experts.py)
+        from megatron_vespo.models.cpu_experts import use_cpu_experts
+
+        use_cpu_experts(spec)
+    return spec
 
 
 def build_gpt_model(

@@ -62,6 +62,9 @@ def _run(args: argparse.Namespace) -> int:
 
     job = load_config(JobConfig, args.config, args.overrides)
     _preflight(job)
+    from megatron_vespo.orchestration.threads import apply_trainer_threads
+
+    apply_trainer_threads(job)  # train.torch_threads / the async split of the cores
     if job.loop.mode == "async":
         from megatron_vespo.orchestration.async_loop import run_async as run
     else:

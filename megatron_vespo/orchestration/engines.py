@@ -72,10 +72,16 @@ class RolloutEngines:
         from megatron_vespo.rollout.embedded.server import start_embedded_server
 
         mode = self.embedded_mode or ("thread" if cfg.num_engines == 1 else "process")
+        env = None
+        if mode == "process":  # the async loop asks for processes: they compute while the trainer trains
+            from megatron_vespo.orchestration.threads import engine_threads
+
+            threads = engine_threads(cfg, overlapped=self.embedded_mode == "process")
+            env = None if threads is None else {"OMP_NUM_THREADS": str(threads)}
         for i in range(cfg.num_engines):
             self._handles.append(start_embedded_server(
                 self.model_path, host=cfg.host, mode=mode, random_seed=i, max_batch_size=cfg.max_batch_size,
-                batch_wait_ms=cfg.batch_wait_ms,
+                batch_wait_ms=cfg.batch_wait_ms, env=env,
                 log_path=str(self.log_dir / f"embedded_{i}.log") if mode == "process" else None))
         return [h.url for h in self._handles]
 

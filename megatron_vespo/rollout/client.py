@@ -28,7 +28,12 @@ from megatron_vespo.rollout.errors import (  # noqa: F401 - re-exported: callers
     EngineUnreachableError,
     RolloutEngineError,
 )
-from megatron_vespo.rollout.protocol import build_batch_payload, build_generate_payload, response_to_sample
+from megatron_vespo.rollout.protocol import (
+    batch_log_probs,
+    build_batch_payload,
+    build_generate_payload,
+    response_to_sample,
+)
 from megatron_vespo.rollout.routes import RouteSpec
 from megatron_vespo.rollout.weight_api import WEIGHT_WINDOW_MIN_VERSION, WeightUpdateEndpoints, parse_version  # noqa: F401
 from megatron_vespo.types import Sample
@@ -198,13 +203,15 @@ class SGLangClient(WeightUpdateEndpoints):
                                   f"of {n} (does this server take batch bodies? else set rollout.batch_requests="
                                   "false)", 200, str(resp)[:500])
         out = []
+        checked = batch_log_probs(resp) or [None] * n  # one numpy pass; None: checked row by row
         for i, r in enumerate(resp):
             md = {"engine_url": self.url, **((metadata or [{}] * n)[i] or {})}
             out.append(response_to_sample(r, prompts[i], route_spec=self.route_spec,
                                           expect_routes=self.return_routed_experts,
                                           flag_retracted=self.flag_retracted,
                                           default_policy_version=self.policy_version,
-                                          group_index=group_indices[i], metadata=md))
+                                          group_index=group_indices[i], metadata=md,
+                                          checked_log_probs=checked[i]))
         return out
 
     async def generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | Mapping[str, Any],

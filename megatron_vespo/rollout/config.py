@@ -107,6 +107,10 @@ class RolloutConfig(Section):
     batch_wait_ms: float = Field(20.0, ge=0)
     """Embedded engine only: how long the first queued request waits for more to join its batch (a batch body
     starts at once)."""
+    engine_threads: Optional[int] = Field(None, ge=1)
+    """Embedded engine processes only: torch threads per engine. Unset: OMP_NUM_THREADS if set, else the cores split
+    evenly between the engine processes and (in async mode, where both compute at once) the local trainer ranks
+    (orchestration/threads.py)."""
     router_policy: Literal["round_robin", "least_outstanding"] = "least_outstanding"
     """How requests are spread over engines."""
     flag_retracted: bool = True

@@ -155,6 +155,40 @@ def _log_probs(meta: Mapping[str, Any], output_ids: list[int], flags: list[str])
     return torch.from_numpy(lps.astype(np.float32))
 
 
+def batch_log_probs(responses: Sequence[Any]) -> Optional[list[torch.Tensor]]:
+    """The checked log-prob tensors of a whole batched answer in one numpy pass, or None.
+
+    None whenever any row is not the plain consistent case (no ``output_token_logprobs``, a
+    length or token mismatch, a non-finite or positive value, a malformed entry): the caller
+    then checks row by row (``_log_probs``), which names the problem. Per-row numpy calls cost
+    more than the arithmetic on short responses (8 tokens here), so one pass over the batch
+    replaces 64 (issue 15).
+    """
+    entries, ids, sizes = [], [], []
+    for r in responses:
+        meta = r.get("meta_info") if isinstance(r, Mapping) else None
+        lps = meta.get("output_token_logprobs") if isinstance(meta, Mapping) else None
+        out = r.get("output_ids") if isinstance(r, Mapping) else None
+        if not isinstance(lps, list) or not isinstance(out, list) or len(lps) != len(out):
+            return None
+        entries += lps
+        ids += out
+        sizes.append(len(out))
+    if not entries:
+        return [torch.zeros(0, dtype=torch.float32) for _ in sizes]
+    try:
+        arr = np.asarray(entries, dtype=object)
+        if arr.ndim != 2 or arr.shape[1] < 2:
+            return None
+        lps = arr[:, 0].astype(np.float64)
+        ok = bool((arr[:, 1].astype(np.float64) == np.asarray(ids, dtype=np.float64)).all())
+    except (ValueError, TypeError):
+        return None
+    if not ok or not bool((np.isfinite(lps) & (lps <= 1e-4)).all()):
+        return None
+    return list(torch.from_numpy(lps.astype(np.float32)).split(sizes))
+
+
 def _log_probs_slow(entries: Sequence[Any], output_ids: list[int], flags: list[str]) -> Optional[torch.Tensor]:
     """Per-entry check of a malformed ``output_token_logprobs`` list (names the first bad entry)."""
     values = []
@@ -197,7 +231,8 @@ def response_to_sample(response: Mapping[str, Any], prompt_tokens: Sequence[int]
                        expect_log_probs: bool = True, routed_experts_start_len: int = 0,
                        prefix_routes: Optional[torch.Tensor] = None, flag_retracted: bool = True,
                        default_policy_version: int = 0, group_index: int = 0,
-                       metadata: Optional[Mapping[str, Any]] = None) -> Sample:
+                       metadata: Optional[Mapping[str, Any]] = None,
+                       checked_log_probs: Optional[torch.Tensor] = None) -> Sample:
     """Convert one SGLang ``/generate`` response into a :class:`Sample` (flagged when inconsistent).
 
     Args:
@@ -210,6 +245,7 @@ def response_to_sample(response: Mapping[str, Any], prompt_tokens: Sequence[int]
         flag_retracted: flag R3 samples with ``num_retractions > 0`` (radixark/miles#3277).
         default_policy_version: used when the engine's weight version is not an integer.
         group_index, metadata: copied into the sample.
+        checked_log_probs: this row's log-probs already decoded and checked (``batch_log_probs``).
     """
     if not isinstance(response, Mapping) or "meta_info" not in response or "output_ids" not in response:
         keys = sorted(response) if isinstance(response, Mapping) else type(response).__name__
@@ -227,7 +263,9 @@ def response_to_sample(response: Mapping[str, Any], prompt_tokens: Sequence[int]
         flags.append(f"meta_info.prompt_tokens={meta['prompt_tokens']} but {len(prompt)} tokens were sent")
     if meta.get("completion_tokens") not in (None, len(output_ids)):
         flags.append(f"meta_info.completion_tokens={meta['completion_tokens']} but {len(output_ids)} output_ids")
-    log_probs = _log_probs(meta, output_ids, flags) if expect_log_probs else None
+    log_probs = None
+    if expect_log_probs:
+        log_probs = checked_log_probs if checked_log_probs is not None else _log_probs(meta, output_ids, flags)
     routes = None
     # A request aborted before its prefill has no routes (SGLang returns none): not an inconsistency.
     never_ran = status == SampleStatus.ABORTED and not output_ids and meta.get("routed_experts") is None

@@ -6,7 +6,7 @@ checkpoint/ use too); ``ParallelConfig`` is re-exported here for older imports.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -57,6 +57,14 @@ class TrainConfig(Section):
     """With recompute, update 1 runs on the weights the old log-probs are computed with, so its rows take them from
     update 1's own forward (ratio 1 there, as verl on-policy) instead of a separate forward; the other mini-batches
     still get one before update 1. Not with routing R2 or rollout-IS weights (they need every old log-prob first)."""
+    cpu_adam: Literal["foreach", "fused"] = "foreach"
+    """CPU only (megatron's torch.optim.AdamW fallback without TE / Apex): foreach = the multi-tensor path; fused =
+    torch's fused CPU kernel, 3-5x faster on the optimizer step (what transformers' Trainer picks by default) but
+    not bit-identical to foreach (last-bit rounding, ~1e-9 on the addition model's weights)."""
+    torch_threads: Optional[int] = Field(None, ge=1)
+    """Torch threads of each trainer process (CPU). Unset: OMP_NUM_THREADS if set, else torch's default in sync mode
+    and, in async mode with embedded engines, an even split of the cores with the engine processes
+    (orchestration/threads.py), so the two do not oversubscribe them."""
     train_iters: int = Field(1, ge=1)
     """Rollout steps the LR schedule (warm-up, decay) spans, x N updates each; in a job it defaults to
     loop.num_rollouts."""

@@ -17,7 +17,7 @@ from megatron_vespo.rollout.config import RolloutConfig, SamplingConfig
 from megatron_vespo.rollout.embedded.engine import EmbeddedEngine
 from megatron_vespo.rollout.embedded.models import build_tiny_model, load_hf_model, save_tiny_checkpoint
 from megatron_vespo.rollout.embedded.server import start_embedded_server
-from megatron_vespo.rollout.protocol import build_batch_payload, response_to_sample
+from megatron_vespo.rollout.protocol import batch_log_probs, build_batch_payload, response_to_sample
 from megatron_vespo.rollout.router import EngineRouter
 from megatron_vespo.rollout.routes import RouteSpec, routes_equal
 from megatron_vespo.types import SampleStatus
@@ -124,6 +124,35 @@ def test_numpy_log_prob_decode_flags_what_the_per_token_check_flagged():
         assert needle in s.metadata["flag_reasons"][0], (needle, s.metadata["flag_reasons"])
 
 
+def test_batched_answer_is_decoded_in_one_pass_and_bad_rows_still_flagged():
+    """batch_log_probs: one numpy pass over the whole answer; any bad row hands the batch back to the per-row
+    check, so a good row gets its log-probs and a bad row the same flag as before."""
+    def resp(entries, out):
+        return {"output_ids": list(out), "meta_info": {"id": "r", "finish_reason": {"type": "stop"},
+                                                       "output_token_logprobs": entries}}
+    good = [resp([[-0.5, 7, None], [-1.25, 8, None]], (7, 8)), resp([], ()), resp([[-2.0, 3, "t"]], (3,))]
+    lps = batch_log_probs(good)
+    assert [x.tolist() for x in lps] == [[-0.5, -1.25], [], [-2.0]]
+    assert batch_log_probs(good + [resp([[-0.5, 9, None]], (7,))]) is None
+    assert batch_log_probs(good + [resp([[float("nan"), 7, None]], (7,))]) is None
+    assert batch_log_probs(good + [resp([[-0.5, 7]], (7, 8))]) is None
+
+    bad = resp([[-0.5, 7, None], [-1.0, 9, None]], (7, 8))
+    answer = [good[0], bad, good[2]]
+    client = SGLangClient("http://127.0.0.1:1")
+
+    async def fake_request(*a, **kw):
+        return answer
+    client.request = fake_request
+    samples = asyncio.run(client.generate_many([[1], [1], [1]], [{}, {}, {}], group_indices=[0, 0, 0]))
+    assert samples[0].rollout_log_probs.tolist() == [-0.5, -1.25] and samples[2].rollout_log_probs.tolist() == [-2.0]
+    assert samples[1].status == SampleStatus.FLAGGED and "is for token 9" in samples[1].metadata["flag_reasons"][0]
+    answer[1] = resp([[-0.75, 7, None], [-1.0, 8, None]], (7, 8))
+    samples = asyncio.run(client.generate_many([[1], [1], [1]], [{}, {}, {}], group_indices=[0, 0, 0]))
+    assert [s.rollout_log_probs.tolist() for s in samples] == [[-0.5, -1.25], [-0.75, -1.0], [-2.0]]
+    assert all(s.status != SampleStatus.FLAGGED for s in samples)
+
+
 def test_complete_batch_starts_without_the_batching_wait_and_runs_as_one_batch():
     engine = EmbeddedEngine(build_tiny_model("tiny", seed=0), max_batch_size=64, batch_wait_s=3600.0).start()
     sizes = []
@@ -183,3 +212,34 @@ def test_batched_body_over_http_matches_hf_rescoring_and_routes(tmp_path):
         mu, routes, _ = rescore(ref, s.tokens, len(s.prompt_tokens), 0.8)
         assert (s.rollout_log_probs - mu).abs().max().item() < 1e-5
         assert routes_equal(s.routed_experts, routes, sort_topk=False)
+
+
+def test_thread_server_connections_do_not_wait_for_delayed_acks():
+    """The thread-mode server binds its own socket (proto 0), which asyncio's transports do not set
+    TCP_NODELAY on: the tail of each response then waited ~40 ms for the client's delayed ACK on
+    back-to-back requests. The connection the server accepts must have Nagle off."""
+    import socket
+
+    handle = start_embedded_server(preset="tiny", random_seed=0)
+    try:
+        host, port = handle.url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(1024).startswith(b"HTTP/1.1 200")
+            peer = client.getsockname()
+            server_side = [s for srv in handle._server.servers for s in srv.sockets]
+            assert server_side and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in server_side)
+            conns = [c for c in _accepted(handle) if c.getpeername() == peer]
+            assert conns and all(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for c in conns)
+    finally:
+        handle.stop()
+
+
+def _accepted(handle):
+    """The sockets of the connections the uvicorn server holds open."""
+    out = []
+    for conn in getattr(handle._server.server_state, "connections", ()):
+        sock = conn.transport.get_extra_info("socket") if getattr(conn, "transport", None) else None
+        if sock is not None:
+            out.append(sock)
+    return out

@@ -69,3 +69,48 @@ def test_cpu_adam_takes_the_multi_tensor_path():
     opts = getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])
     groups = [g for o in opts for g in o.optimizer.param_groups]
     assert groups and all(g["foreach"] is True for g in groups)
+
+
+def test_cpu_adam_fused_is_a_choice_and_close_to_foreach():
+    """train.cpu_adam=fused: torch's fused CPU AdamW kernel; the same update up to last-bit rounding."""
+    torch.manual_seed(0)
+    fe = make_actor({}, train={})
+    batch = make_batch(fe)
+    torch.manual_seed(0)
+    fu = make_actor({}, train={"cpu_adam": "fused"})
+    opts = getattr(fu.optimizer, "chained_optimizers", [fu.optimizer])
+    groups = [g for o in opts for g in o.optimizer.param_groups]
+    assert groups and all(g["fused"] is True and not g["foreach"] for g in groups)
+    for _ in range(2):
+        fe.train_on_rollout(batch)
+        fu.train_on_rollout(batch)
+    for a, b in zip(fe.model[0].parameters(), fu.model[0].parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(fe.model[0].parameters(), fu.model[0].parameters()))
+
+
+def test_cpu_clip_grad_norm_and_scale_use_foreach_ops_bit_for_bit():
+    """Megatron's CPU fallbacks loop over tensors in Python; the foreach versions must give the same bits."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_vespo.compat.cpu import device_mode
+    from megatron_vespo.train import optim
+
+    make_actor({}, train={})  # build_optimizer installs them
+    assert clip_grads.l2_norm_impl is optim.foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is optim.foreach_scale
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(*shape, generator=g) * s for shape, s in (((37, 5), 1e-3), ((129,), 7.0), ((3, 4, 5), 1.0))]
+    with device_mode():  # the fallbacks allocate on "cuda"
+        ref, _ = mutils.local_multi_tensor_l2_norm(0, None, [grads], False)
+    got, _ = optim.foreach_l2_norm(0, None, [grads], False)
+    assert got.shape == ref.shape == (1,) and torch.equal(got, ref)
+    a, b = [x.clone() for x in grads], [x.clone() for x in grads]
+    mutils.local_multi_tensor_scale(0, None, [a, a], 0.37)
+    optim.foreach_scale(0, None, [b, b], 0.37)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    src, dst_ref, dst = grads, [torch.empty_like(x) for x in grads], [torch.empty_like(x) for x in grads]
+    mutils.local_multi_tensor_scale(0, None, [src, dst_ref], 1.0)
+    optim.foreach_scale(0, None, [src, dst], 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(dst_ref, dst))

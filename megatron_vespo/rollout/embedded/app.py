@@ -12,6 +12,7 @@ by ``schema.py`` (400 naming the field).
 
 import asyncio
 import logging
+import threading
 from typing import Any, Optional
 
 from megatron_vespo.rollout.embedded.engine import EmbeddedEngine
@@ -59,16 +60,24 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
 
     async def run(reqs: list, request: Any = None, complete: bool = False) -> list:
         loop = asyncio.get_running_loop()
-        futs = []
+        # one wake-up of this event loop when the LAST request finishes (not one per request: each
+        # call_soon_threadsafe took the interpreter lock from the engine thread mid-batch)
+        fut, left, lock = loop.create_future(), [len(reqs)], threading.Lock()
+
+        def one_done(req: Any) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
         for r in reqs:
-            fut = loop.create_future()
-            r.on_done = lambda req, fut=fut: loop.call_soon_threadsafe(
-                lambda: fut.done() or fut.set_result(req))
-            futs.append(fut)
+            r.on_done = one_done
         engine.submit(reqs, complete=complete)
         watch = asyncio.ensure_future(abort_on_disconnect(engine, request, reqs)) if request is not None else None
         try:
-            return list(await asyncio.gather(*futs))
+            await fut
+            return list(reqs)
         except asyncio.CancelledError:  # client went away: free the batch slots
             for r in reqs:
                 engine.abort(r.rid, message="client disconnected")

@@ -107,6 +107,11 @@ def start_embedded_server(model_path: Optional[str] = None, *, preset: Optional[
     engine.start()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # no Nagle: a socket made here has proto 0, so asyncio's transports skip their own TCP_NODELAY
+    # (base_events._set_nodelay checks proto == IPPROTO_TCP), and a response's last partial segment
+    # then waited for the client's delayed ACK: ~40 ms on back-to-back requests (issue 15). Accepted
+    # connections inherit the option on Linux; uvicorn.run (process mode) binds through asyncio.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port or 0))  # binding port 0 here avoids the find-a-free-port race
     port = sock.getsockname()[1]
     app = build_app(engine, {"host": host, "port": port, "frontend": "embedded-thread"})

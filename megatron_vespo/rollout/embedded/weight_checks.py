@@ -36,12 +36,37 @@ def _names(items: Sequence[str]) -> str:
     return ", ".join(items[:_SHOW]) + more
 
 
+def _suspects(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The floating tensors of ``named`` that may hold NaN or inf, found by their minimum and maximum.
+
+    A NaN makes both NaN and an infinity shows in one of them, so a tensor whose extremes are
+    finite holds only finite values. ``torch.aminmax`` is one vectorised pass; ``torch.isfinite``
+    per tensor was ~10x slower on CPU (~10 ms of each weight load of a 13 MB model, issue 15).
+    Dtypes without a CPU ``aminmax`` (FP8) are always returned for the exact check.
+    """
+    extremes, names, out = [], [], []
+    for name, t in named:
+        if not (t.dtype.is_floating_point and t.numel()):
+            continue
+        try:
+            lo, hi = torch.aminmax(t.detach())
+        except (NotImplementedError, RuntimeError):
+            out.append((name, t))
+            continue
+        extremes.append(torch.stack([lo.float(), hi.float()]))
+        names.append((name, t))
+    if extremes:
+        finite = torch.isfinite(torch.stack(extremes)).all(dim=1).tolist()
+        out += [nt for nt, ok in zip(names, finite) if not ok]
+    return out
+
+
 def check_finite(named: Sequence[tuple[str, torch.Tensor]]) -> None:
     """Raise ValueError naming every tensor of ``named`` holding NaN or inf."""
     bad = []
-    for name, t in named:
-        if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
-            n_bad = int((~torch.isfinite(t)).sum())
+    for name, t in _suspects(named):
+        n_bad = int((~torch.isfinite(t)).sum())
+        if n_bad:
             bad.append(f"{name} ({n_bad} of {t.numel()} values non-finite)")
     if bad:
         raise ValueError(f"{len(bad)} tensor(s) hold NaN or inf: {_names(bad)}")
