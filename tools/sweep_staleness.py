@@ -171,7 +171,9 @@ def main() -> None:
                 logging.info("%s: eval %.3f (best %.3f) in %.0fs", c.cell_id, r["eval"], r["eval_best"], r["seconds"])
             except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the others
                 logging.error("%s", exc)
-    finished = [d for cid, d in load_done(out).items() if cid in {c.cell_id for c in cells}]
+    # every finished cell of this output directory, not only this invocation's grid: a second
+    # invocation (e.g. issue 14's extra losses and N = 128) adds cells to the same table
+    finished = list(load_done(out).values())
     if not finished:
         return
     agg = aggregate(finished)
@@ -182,6 +184,7 @@ def main() -> None:
         start = {}
     metric = finished[0]["metric"]
     doc = {"task": args.config, "metric": metric, "updates": args.updates, "mini_batch": args.mini_batch,
+           "eval_every_updates": args.eval_every_updates,
            "versions": versions(), "baseline": start, "command": " ".join([Path(sys.executable).name, *sys.argv]),
            "cells": finished,
            "aggregate": agg, "aggregate_best": aggregate(finished, "eval_best")}
