@@ -81,3 +81,9 @@ def test_one_real_cell(tmp_path):
     assert r["updates"] == 2 and 0.0 <= r["eval"] <= 1.0 and r["metric"] == "eval/avg@2"
     saved = json.loads((tmp_path / "cells" / "vespo_N2_s0.json").read_text())
     assert saved["eval"] == r["eval"] and "loop.num_rollouts=1" in saved["command"]
+    # the same seed gives the same curve on the same machine (the acceptance): a second run
+    again = run_cell(Cell("vespo", 2, 0), CFG, tmp_path / "again", Protocol(updates=2, mini_batch=8,
+                     eval_every_updates=2), ["rollout.num_engines=1", "eval.num_prompts=4", "eval.k=2",
+                                             "rollout.sampling.max_new_tokens=8"])
+    for key in ("eval", "eval_greedy", "reward_curve", "ess_curve", "grad_norm_max"):
+        assert again[key] == r[key], key
