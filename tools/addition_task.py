@@ -77,6 +77,25 @@ def problems(max_operand: int, seed: int) -> tuple[list[tuple[int, int]], list[t
     return pairs[:cut], pairs[cut:]
 
 
+def sft_step(model, opt, seqs: list[list[int]], starts: list[int]) -> float:
+    """One teacher-forced step on right-padded ``seqs`` (token ids), the loss on tokens from
+    ``starts[i]`` on (the answer), gradient norm clipped to 1; returns the loss."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    attn = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, (s, p) in enumerate(zip(seqs, starts)):
+        ids[i, :len(s)] = torch.tensor(s)
+        attn[i, :len(s)] = 1
+        labels[i, p:len(s)] = torch.tensor(s[p:])
+    loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def sft(model, tok, pairs: list[tuple[int, int]], steps: int, batch: int = 64, lr: float = 3e-3,
         seed: int = 0) -> list[float]:
     """Teacher-forced warm-up on ``a+b=c<eos>`` (loss on the answer and EOS only); returns the losses."""
@@ -91,20 +110,7 @@ def sft(model, tok, pairs: list[tuple[int, int]], steps: int, batch: int = 64, l
             prompt = tok.encode(f"{a}+{b}=", add_special_tokens=False)
             seqs.append(prompt + tok.encode(str(a + b), add_special_tokens=False) + [EOS])
             starts.append(len(prompt))
-        width = max(map(len, seqs))
-        ids = torch.full((batch, width), PAD, dtype=torch.long)
-        labels = torch.full((batch, width), -100, dtype=torch.long)
-        attn = torch.zeros(batch, width, dtype=torch.long)
-        for i, (s, p) in enumerate(zip(seqs, starts)):
-            ids[i, :len(s)] = torch.tensor(s)
-            attn[i, :len(s)] = 1
-            labels[i, p:len(s)] = torch.tensor(s[p:])
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss))
+        losses.append(sft_step(model, opt, seqs, starts))
         if step % 50 == 0 or step == steps - 1:
             logger.info("sft step %d/%d: loss %.3f", step + 1, steps, losses[-1])
     model.eval()

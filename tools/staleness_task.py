@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from addition_task import EOS, MODEL_KW, PAD, SCRATCH_CHARS, SPECIALS, char_tokenizer  # noqa: E402
+from addition_task import EOS, MODEL_KW, PAD, SCRATCH_CHARS, SPECIALS, char_tokenizer, sft_step  # noqa: E402
 
 logger = logging.getLogger("staleness_task")
 
@@ -97,21 +97,8 @@ def sft(model, tok, pool: list, steps: int, batch: int = 64, lr: float = 3e-3, s
             ids = tok.encode(prompt, add_special_tokens=False)
             seqs.append(ids + tok.encode(resp, add_special_tokens=False) + [EOS])
             starts.append(len(ids))
-        width = max(map(len, seqs))
-        ids = torch.full((batch, width), PAD, dtype=torch.long)
-        labels = torch.full((batch, width), -100, dtype=torch.long)
-        attn = torch.zeros(batch, width, dtype=torch.long)
-        for i, (s, st) in enumerate(zip(seqs, starts)):
-            ids[i, :len(s)] = torch.tensor(s)
-            attn[i, :len(s)] = 1
-            labels[i, st:len(s)] = torch.tensor(s[st:])
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        losses.append(sft_step(model, opt, seqs, starts))
         sched.step()
-        losses.append(float(loss.detach()))
         if step % 100 == 0 or step == steps - 1:
             logger.info("sft step %d/%d: loss %.3f", step + 1, steps, losses[-1])
     model.eval()
