@@ -121,9 +121,13 @@ def baseline(config: str, out: Path, extra: list[str]) -> dict:
     eval`` once, cached in ``<out>/baseline.json``."""
     import subprocess
 
+    import yaml
+
     path = out / "baseline.json"
     if path.exists():
         return json.loads(path.read_text())
+    if not (yaml.safe_load(Path(config).read_text()).get("model") or {}).get("hf_path"):
+        return {"note": "model.preset from random init (each seed its own): no shared start to evaluate"}
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "megatron_vespo.cli", "--log-level", "WARNING", "eval", config,
            "--json", str(path.with_suffix(".tmp"))]
