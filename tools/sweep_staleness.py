@@ -7,7 +7,7 @@ aggregate lands in ``<out>/staleness.json`` (one cell per (loss, N, seed)), ``ta
 ``staleness.png``.
 
     python tools/sweep_staleness.py --out docs/results/staleness                # the full grid
-    python tools/sweep_staleness.py --quick --out /tmp/sweep_quick              # 4 cells, about 10 minutes
+    python tools/sweep_staleness.py --quick --out /tmp/sweep_quick              # 4 cells, 3-4 minutes on 2 cores
 """
 
 from __future__ import annotations
