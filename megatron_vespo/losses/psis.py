@@ -129,7 +129,10 @@ def psis_loss(
             lw_rows = torch.where(rows, log_ws, torch.full_like(log_ws, -math.inf))
             w_s = torch.exp(log_ws - torch.logsumexp(lw_rows, 0)) * rows.sum()
         w_s = torch.where(rows, w_s, torch.zeros_like(w_s))
-        guarded = k_hat > khat_threshold  # inf > inf is False: the default never guards
+        # k-hat is inf when no tail could be fitted (ties, e.g. every W = 1 on-policy, or too few rows):
+        # equal weights are not unreliable ones, so only a fitted tail can trip the guard
+        fitted = math.isfinite(k_hat)
+        guarded = fitted and k_hat > khat_threshold  # the default threshold (inf) never guards
     seq_adv = x.seq_advantages()
     coef = (w_s * seq_adv).unsqueeze(-1)
     loss = agg_loss(-coef * x.log_prob, x.valid, x.loss_agg_mode, x.global_denominator)
@@ -138,10 +141,10 @@ def psis_loss(
     with torch.no_grad():
         m = seq_stats("psis/w_raw", torch.exp(log_w), rows)
         m.update(seq_stats("psis/w_smoothed", w_s, rows))
-        m["psis/tail_fitted"] = float(math.isfinite(k_hat))
+        m["psis/tail_fitted"] = float(fitted)
         if math.isfinite(k_hat):  # no tail (fewer than 5 rows in it): no k-hat to report
             m["psis/khat"] = k_hat
-        m["psis/khat_gt_0_7"] = float(k_hat > 0.7)
+        m["psis/khat_gt_0_7"] = float(fitted and k_hat > 0.7)
         m["psis/guarded"] = float(guarded)
         m["psis/ess_raw"] = ess(torch.exp(log_w - log_w.max()), rows)
         m["psis/ess_smoothed"] = ess(w_s, rows)

@@ -86,6 +86,18 @@ def test_psis_on_policy_is_reinforce():
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_psis_guard_never_trips_on_policy():
+    """Every W = 1 (on-policy, N = 1): no tail can be fitted (ties), k-hat is inf; a guard at 0.7 used to
+    skip every on-policy update and khat_gt_0_7 read 1.0 (found in the staleness sweep's N = 1 cells)."""
+    logp, _, adv, mask = _batch(B=64)
+    free, _ = compute_policy_loss("psis", log_prob=logp, old_log_prob=logp.detach(), advantages=adv,
+                                  response_mask=mask)
+    guarded, m = compute_policy_loss("psis", log_prob=logp, old_log_prob=logp.detach(), advantages=adv,
+                                     response_mask=mask, khat_threshold=0.7, guard_scale=0.0)
+    assert m["psis/tail_fitted"] == 0.0 and m["psis/guarded"] == 0.0 and m["psis/khat_gt_0_7"] == 0.0
+    assert guarded.item() == free.item() != 0.0
+
+
 # ---------------------------------------------------------------- adaptive VESPO
 
 def test_adaptive_equals_vespo_at_w_one_and_when_ess_is_healthy():
