@@ -133,7 +133,7 @@ def write_jsonl(path: Path, problems: list) -> None:
     tmp.replace(path)
 
 
-def prepare(out: Path, *, operands: int = 6, sft_steps: int = 400, n_train: int = 4096, n_eval: int = 256,
+def prepare(out: Path, *, operands: int = 6, sft_steps: int = 3000, n_train: int = 4096, n_eval: int = 256,
             seed: int = 0) -> dict:
     """Write ``sft/``, ``train.jsonl``, ``eval.jsonl`` and ``summary.json`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     pp = sub.add_parser("prepare", help="tokenizer + model + SFT warm-up + RL and held-out prompts")
     pp.add_argument("--out", default="outputs/staleness_task")
     pp.add_argument("--operands", type=int, default=6, help="two-digit operands per prompt")
-    pp.add_argument("--sft-steps", type=int, default=400)
+    pp.add_argument("--sft-steps", type=int, default=3000, help="calibrated start (docs/results.md), ~30 min")
     pp.add_argument("--train-prompts", type=int, default=4096)
     pp.add_argument("--eval-prompts", type=int, default=256)
     pp.add_argument("--seed", type=int, default=0)

@@ -102,7 +102,7 @@ def plot_curves(cells: list[dict], path: Path) -> None:
 
 def ensure_task(config: str) -> None:
     """Prepare the staleness task (SFT warm-up, prompts) when the job is the staleness task and its
-    model directory does not exist yet (``tools/staleness_task.py prepare``, a few minutes)."""
+    model directory does not exist yet (``tools/staleness_task.py prepare``, about 30 minutes)."""
     import subprocess
 
     import yaml
