@@ -253,7 +253,9 @@ def shutdown(ray: Any, worker: Any, engines: Optional[Engines], sync: EngineWeig
     if ray_started:
         steps.append(("stop Ray", ray.shutdown))
     for what, fn in steps:
+        t0 = time.perf_counter()
         try:
             fn()
         except BaseException:  # noqa: BLE001 - keep shutting down; a second Ctrl-C must not leak processes
             logger.warning("%s failed during shutdown", what, exc_info=True)
+        logger.info("shutdown: %s took %.1fs", what, time.perf_counter() - t0)

@@ -20,6 +20,8 @@ from megatron_vespo.rollout.routes import RouteSpec
 
 logger = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 5.0  # per client, on shutdown
+
 
 class RolloutEngines:
     """Running engines plus the router and the event loop used to talk to them (rank 0 only).
@@ -93,8 +95,8 @@ class RolloutEngines:
         """Stop engines started here and close the clients and the event loop."""
         if self.router is not None:
             for client in self.router.clients:
-                try:
-                    self.run(client.aclose())
+                try:  # bounded: after a Ctrl-C mid-request a connection may never finish closing
+                    self.run(asyncio.wait_for(client.aclose(), CLOSE_TIMEOUT_S))
                 except Exception:  # noqa: BLE001 - best effort on shutdown
                     logger.debug("closing client %s failed", client.url, exc_info=True)
             self.router = None

@@ -152,12 +152,15 @@ def test_ctrl_c_stops_worker_engines_and_ray(tmp_path):
         running = _tagged_pids(tag)
         assert len(running) >= 4, running  # trainer, engine server, Ray's processes, the worker: the check sees them
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=90)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no exit within 90 s of SIGINT; the run's log ends:\n{log.read_text()[-6000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-            _assert_nothing_left(tag, within_s=0)
+            _assert_nothing_left(tag, within_s=20)  # the engines die with their parent (parent-death signal)
     assert proc.returncode != 0
     _assert_nothing_left(tag)
     per = [r for r in read_metrics(out / "metrics.jsonl") if "rollout" in r]
