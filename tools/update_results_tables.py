@@ -25,7 +25,6 @@ LOSSES = ["vespo", "vespo_adaptive", "psis", "snis", "gepo", "grpo", "gspo"]
 TABLES = {  # marker -> (cells directory, metric key)
     "issue14-table": ("docs/results/staleness", "eval"),
     "issue14-u256-table": ("docs/results/staleness_u256", "eval"),
-    "issue14-u256-best": ("docs/results/staleness_u256", "eval_best"),
 }
 
 
