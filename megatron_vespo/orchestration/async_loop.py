@@ -4,12 +4,16 @@
                                                                     prompts ─► groups ─► GroupBuffer
     every training rank:                                            (bounded, tagged with versions)
     for it in start+1 .. num_rollouts:
-        groups = worker.take(B groups with lag <= L)     # rank 0; waits only when the buffer is short
+        groups, stats = worker.take(B groups with lag <= L)  # rank 0; waits only when the buffer is short
         batch  = collate(groups) -> broadcast            # group advantages, padding
         actor.train_on_rollout(batch)                    # N updates; the worker keeps generating
+        stats, data position = worker.snapshot()         # overlap metrics; what the checkpoint saves
         version += 1
-        pause engines -> weight update(version) -> continue   # loop.pause_mode; update is collective
-        worker.set_version(version)                      # admission budget grows by one batch
+        join the previous background load                # collective; its error raised on every rank
+        export(version)                                  # collective (disk)
+        rank 0, in the background (loop.overlap_weight_load):
+            pause engines -> load(version) -> continue -> worker.set_version(version)
+        (else the trainer waits for the same steps; any other weight_sync.kind: collective update)
         checkpoint (data position = data set + prompts not yet trained on)
 
 B = train.rollout_batch_size / rollout.n_samples_per_prompt groups per batch, L =
@@ -18,7 +22,9 @@ its policy lag is the trainer's version when the batch is taken minus that tag, 
 than L (``async_buffer``). Per-rollout metrics add the lag histogram, stale drops, buffer
 fill, generation throughput, the time the trainer waited for data and how much of the
 training time the engines were generating (``async/overlap_frac``: per engine, the time a
-generate request was outstanding there, averaged over engines; docs/orchestration.md).
+generate request was outstanding there, averaged over engines; docs/orchestration.md) and how
+long the trainer waited for the previous background load (``time/weight_load_wait_s``;
+``orchestration/weight_load.py`` has the argument why deferring the load keeps the lag exact).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from megatron_vespo.config.base import ConfigError
 from megatron_vespo.config.job import JobConfig
 from megatron_vespo.orchestration.async_buffer import lag_metrics
 from megatron_vespo.orchestration.collect import sample_metrics
+from megatron_vespo.orchestration.weight_load import BackgroundLoad, PausedDiskLoad, deferred_disk_update
+from megatron_vespo.orchestration.weight_load import overlap_weight_load as resolve_overlap
 from megatron_vespo.types import Sample
 from megatron_vespo.utils.imports import require
 
@@ -43,6 +51,7 @@ if TYPE_CHECKING:
     from megatron_vespo.weight_sync.factory import EngineWeightSync
 
 logger = logging.getLogger(__name__)
+_PausedDiskLoad = PausedDiskLoad  # the name tests and older code import
 
 POLL_S = 2.0  # one take() call waits at most this long, so errors and Ctrl-C surface quickly
 
@@ -96,40 +105,19 @@ def overlap_metrics(before: dict, after: dict) -> dict[str, float]:
             "async/samples_generated_during_train": after["samples"] - before["samples"]}
 
 
-def pull_groups(ray: Any, worker: Any, n_groups: int, version: int) -> tuple[list[list[Sample]], dict]:
-    """Rank 0: wait for ``n_groups`` usable groups from the worker; metrics include ``time/wait_s``."""
+def pull_groups(ray: Any, worker: Any, n_groups: int, version: int) -> tuple[list[list[Sample]], dict, dict]:
+    """Rank 0: wait for ``n_groups`` usable groups -> (groups, metrics with ``time/wait_s``, worker stats).
+
+    The stats come with the groups (one Ray round trip): the start of the overlap interval.
+    """
     t0 = last_log = time.perf_counter()
     while True:
         res = ray.get(worker.take.remote(n_groups, version, POLL_S))
         if res["groups"]:
-            return res["groups"], {**res["metrics"], "time/wait_s": time.perf_counter() - t0}
+            return res["groups"], {**res["metrics"], "time/wait_s": time.perf_counter() - t0}, res.get("stats", {})
         if time.perf_counter() - last_log > 60:
             last_log = time.perf_counter()
-            logger.warning("waited %.0fs for rollout data: %s", last_log - t0, ray.get(worker.stats.remote()))
-
-
-class _PausedDiskLoad:
-    """The ``engines`` the disk sync sees: its ``/update_weights_from_disk`` call is wrapped in pause/continue.
-
-    So the engines keep generating while the trainer exports the weights and pause only while
-    they load them. With ``in_place`` the load does not flush the cache (SGLang cannot while
-    requests hold it paused).
-    """
-
-    def __init__(self, engines: Engines, mode: str) -> None:
-        self.engines, self.mode, self.run, self.paused_s = engines, mode, engines.run, 0.0
-        self.router = self
-
-    async def update_weights_from_disk(self, model_path: str, policy_version: int, **kwargs: Any) -> list:
-        router = self.engines.router
-        t0 = time.perf_counter()
-        await router.pause_generation(self.mode)
-        try:
-            return await router.update_weights_from_disk(model_path, policy_version,
-                                                         flush_cache=self.mode != "in_place", **kwargs)
-        finally:
-            await router.continue_generation()
-            self.paused_s = time.perf_counter() - t0
+            logger.warning("waited %.0fs for rollout data: %s", last_log - t0, res.get("stats"))
 
 
 def update_engines(setup: LoopSetup, engines: Optional[Engines], version: int, pause_mode: str) -> dict[str, float]:
@@ -138,7 +126,7 @@ def update_engines(setup: LoopSetup, engines: Optional[Engines], version: int, p
 
     model = setup.actor.model
     if setup.job.weight_sync.kind == "disk":
-        view = _PausedDiskLoad(engines, pause_mode) if engines is not None else None
+        view = PausedDiskLoad(engines, pause_mode) if engines is not None else None
         metrics = setup.sync.update(model, version, view)
         return {**metrics, "time/engines_paused_s": view.paused_s if view else 0.0}
     # broadcast / CUDA-IPC paths: the engines must not generate with half-updated weights
@@ -160,6 +148,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
         raise ValueError(f"run_async runs loop.mode=async, got loop.mode={job.loop.mode}")
     ray = require("ray", "loop.mode=async (the rollout worker is a Ray actor)")
     n_groups, buffer_groups, inflight = async_bounds(job)
+    overlap = resolve_overlap(job)  # ConfigError before any Megatron or engine work
     from megatron_vespo.orchestration.rollout_worker import spawn_worker
     from megatron_vespo.orchestration.setup import prepare_loop, rank0_then_broadcast, run_on_rank0
 
@@ -167,6 +156,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
     L, version, rank0 = job.loop.max_policy_lag, s.version, s.rank0
     engines = worker = mlog = None
     ray_started = False
+    loader = BackgroundLoad(rank0)  # the engines' load of the latest version, when overlapped
     history: list[dict[str, float]] = []
     try:
         engines = s.start_engines(embedded_mode="process")
@@ -190,15 +180,29 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             updates = s.actor.train_on_rollout(batch)
             t2 = time.perf_counter()
             fault_point("trained", it)  # tests: kill -9 with the updates done, nothing synced or saved
-            # rank-0-only Ray calls: a failure is broadcast, so no rank waits alone in a collective
-            overlap, late_error = run_on_rank0(rank0, partial(_overlap, ray, worker, before),
-                                               f"rollout {it}: worker stats")
-            rm.update(overlap or {})
+            # rank-0-only Ray calls: a failure is broadcast (below), so no rank waits alone in a collective
+            snap, late_error = run_on_rank0(rank0, partial(_snapshot, ray, worker, before),
+                                            f"rollout {it}: worker snapshot")
+            overlap_m, data_state = snap if snap is not None else ({}, None)
+            rm.update(overlap_m)
             version += 1
-            sm = update_engines(s, engines, version, job.loop.pause_mode)
+            sm = loader.join()  # collective: the previous version's background load (and its error)
+            if overlap:
+                sm.update(deferred_disk_update(s, engines, version, job.loop.pause_mode, loader,
+                                               then=partial(_set_version, ray, worker, version)))
+                sm["weight_sync/total_s"] = sm["weight_sync/export_s"] + sm["time/weight_load_wait_s"]
+            else:
+                sm.update(update_engines(s, engines, version, job.loop.pause_mode))
+                _, err = run_on_rank0(rank0, partial(_set_version, ray, worker, version),
+                                      f"rollout {it}: worker version")
+                late_error = late_error or err
+            if s.evaluator.due(it):  # the evaluation generates with the engines: the load must be done
+                wait = sm.pop("time/weight_load_wait_s", 0.0)
+                sm.update(loader.join())
+                sm["time/weight_load_wait_s"] += wait
             sm.update(s.evaluator.maybe_evaluate(it, engines, s.actor.model))  # held-out, loop.eval_every
-            _, data_state, _ = rank0_then_broadcast(rank0, partial(_publish_version, ray, worker, version),
-                                                    f"rollout {it}: worker version", error=late_error)
+            _, data_state, _ = rank0_then_broadcast(rank0, lambda ds=data_state: (None, ds, None),
+                                                    f"rollout {it}: data position", error=late_error)
             router_state = data_state.pop("router", None)  # saved beside the data position, as the sync loop does
             summary = s.log_iteration(mlog, it, version, updates, {**rm, **sm}, t2 - t1, time.perf_counter() - t0)
             history.append(summary)
@@ -209,9 +213,14 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                             summary["async/lag_max"], summary["time/wait_s"], t2 - t1,
                             100 * summary["async/overlap_frac"])
             s.save(it, version, data_state, router_state)
+        loader.join()  # the last load: its error fails the run on every rank
     finally:
         if mlog is not None:
             mlog.close()
+        try:  # before anything else touches the engines' event loop
+            loader.close()
+        except BaseException:  # noqa: BLE001 - a second Ctrl-C must not skip the shutdown
+            logger.warning("waiting for the background weight load failed during shutdown", exc_info=True)
         shutdown(ray, worker, engines, s.sync, ray_started)
     return history
 
@@ -220,22 +229,22 @@ def _pull(ray: Any, worker: Any, n_groups: int, version: int, max_lag: int) -> t
     """Rank 0: the next rollout batch from the worker -> (batch, None, (metrics, worker stats before training))."""
     from megatron_vespo.buffer import collate
 
-    groups, metrics = pull_groups(ray, worker, n_groups, version)
+    groups, metrics, stats = pull_groups(ray, worker, n_groups, version)
     samples = [x for g in groups for x in g]
     metrics.update({**lag_metrics(groups, version, max_lag), **sample_metrics(samples),
                     "async/multi_version_frac": multi_version_frac(samples)})
-    return collate(samples), None, (metrics, ray.get(worker.stats.remote()))
+    return collate(samples), None, (metrics, stats)
 
 
-def _overlap(ray: Any, worker: Any, before: dict) -> dict[str, float]:
-    """Rank 0: the generation/training overlap since ``before`` (worker stats)."""
-    return overlap_metrics(before, ray.get(worker.stats.remote()))
+def _snapshot(ray: Any, worker: Any, before: dict) -> tuple[dict[str, float], dict]:
+    """Rank 0, right after training: (overlap metrics since ``before``, the worker's data position)."""
+    snap = ray.get(worker.snapshot.remote())
+    return overlap_metrics(before, snap["stats"]), snap["state"]
 
 
-def _publish_version(ray: Any, worker: Any, version: int) -> tuple[None, dict, None]:
-    """Rank 0: tell the worker the trainer's new version -> (None, its data position, None)."""
+def _set_version(ray: Any, worker: Any, version: int) -> None:
+    """Rank 0, once the engines serve ``version``: the worker's admission budget grows by one batch."""
     ray.get(worker.set_version.remote(version))
-    return None, ray.get(worker.state_dict.remote()), None
 
 
 def shutdown(ray: Any, worker: Any, engines: Optional[Engines], sync: EngineWeightSync, ray_started: bool) -> None:

@@ -183,8 +183,10 @@ class RolloutWorker:
     async def take(self, n_groups: int, current_version: int, timeout_s: float) -> dict[str, Any]:
         """Wait up to ``timeout_s`` for ``n_groups`` groups with lag <= L at ``current_version``.
 
-        Returns ``{"groups": [...] (empty on timeout), "metrics": {...}}``; the metrics cover the
-        time since the previous successful take (generation throughput, drops, buffer fill).
+        Returns ``{"groups": [...] (empty on timeout), "metrics": {...}, "stats": stats_now()}``; the
+        metrics cover the time since the previous successful take (generation throughput, drops,
+        buffer fill); ``stats`` is the snapshot taken as the batch leaves (the start of the
+        trainer's overlap interval, so it needs no separate ``stats`` call).
         Raises ``RolloutWorkerError`` when generation failed.
         """
         self._check()
@@ -209,9 +211,9 @@ class RolloutWorker:
             self._check()
         self.counters["stale_samples"] += stale
         if not res.groups:
-            return {"groups": [], "metrics": {}}
+            return {"groups": [], "metrics": {}, "stats": self.stats_now()}
         self._wake.set()  # buffer room freed
-        return {"groups": res.groups, "metrics": self._interval_metrics(fill)}
+        return {"groups": res.groups, "metrics": self._interval_metrics(fill), "stats": self.stats_now()}
 
     def _interval_metrics(self, fill: int) -> dict[str, float]:
         now, c = time.perf_counter(), self.stats_now()
@@ -245,6 +247,16 @@ class RolloutWorker:
     async def stats(self) -> dict[str, float]:
         """``stats_now`` as a coroutine (remote call); never raises (errors surface in ``take``)."""
         return self.stats_now()
+
+    async def snapshot(self) -> dict[str, Any]:
+        """``{"stats": stats_now(), "state": state_dict()}`` in one call (the trainer's, right after training).
+
+        The data position may be read before the trainer publishes its new version: ``set_version``
+        only widens admission and changes no prompt's status, and every prompt of the batch just
+        trained left the buffer at ``take``, so the position is a consistent cut either way (prompts
+        handed out later are generated again by a run resumed from it).
+        """
+        return {"stats": self.stats_now(), "state": await self.state_dict()}
 
     async def state_dict(self) -> dict[str, Any]:
         """Data set position plus ``pending_prompts``: handed out but not trained on, oldest first."""

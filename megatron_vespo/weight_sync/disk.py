@@ -73,7 +73,7 @@ class DiskWeightSync:
                 if run is None:
                     raise ValueError("push(load=...) needs run= to execute the engines' update call")
                 run(load(str(path), version))
-                self._rotate(version)
+                self.rotate(version)
             except Exception as exc:  # noqa: BLE001 - raised on every rank below
                 error = exc
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -86,6 +86,15 @@ class DiskWeightSync:
             raise error
         t2 = time.perf_counter()
         return {"weight_sync/export_s": t1 - t0, "weight_sync/load_s": t2 - t1}
+
+    def rotate(self, current: int) -> None:
+        """Rank 0, once the engines serve ``current``: remove versions ``<= current - keep_last``.
+
+        Never the one the engines load: it is called after that load returned, and the async loop's
+        background load (``orchestration/weight_load.py``) calls it itself, after its own load, and
+        is joined before the next export, so no rotation runs while a newer load is in progress.
+        """
+        self._rotate(current)
 
     def _rotate(self, current: int) -> None:
         versions = sorted(int(p.name[1:]) for p in self.root.glob("v*") if p.name[1:].isdigit())
