@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from megatron_vespo.weight_sync.factory import EngineWeightSync
 
 logger = logging.getLogger(__name__)
-_PausedDiskLoad = PausedDiskLoad  # the name tests and older code import
 
 POLL_S = 2.0  # one take() call waits at most this long, so errors and Ctrl-C surface quickly
 

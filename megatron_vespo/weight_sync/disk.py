@@ -94,9 +94,6 @@ class DiskWeightSync:
         background load (``orchestration/weight_load.py``) calls it itself, after its own load, and
         is joined before the next export, so no rotation runs while a newer load is in progress.
         """
-        self._rotate(current)
-
-    def _rotate(self, current: int) -> None:
         versions = sorted(int(p.name[1:]) for p in self.root.glob("v*") if p.name[1:].isdigit())
         for v in versions:
             if v <= current - self.keep_last:

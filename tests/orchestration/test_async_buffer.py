@@ -22,8 +22,9 @@ from megatron_vespo.orchestration.async_buffer import (
     lag_metrics,
     policy_lag,
 )
-from megatron_vespo.orchestration.async_loop import _PausedDiskLoad, async_bounds, overlap_metrics
+from megatron_vespo.orchestration.async_loop import async_bounds, overlap_metrics
 from megatron_vespo.orchestration.rollout_worker import RolloutWorker, RolloutWorkerError
+from megatron_vespo.orchestration.weight_load import PausedDiskLoad
 from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.rollout.protocol import response_to_sample
 from megatron_vespo.types import Sample, SampleStatus
@@ -296,11 +297,11 @@ class _Engines:
 @pytest.mark.parametrize("mode,flush", [("abort", True), ("in_place", False), ("retract", True)])
 def test_disk_load_is_wrapped_in_pause_and_continue(mode, flush):
     rec = _Recorder()
-    view = _PausedDiskLoad(_Engines(rec), mode)
+    view = PausedDiskLoad(_Engines(rec), mode)
     view.run(view.router.update_weights_from_disk("/w/v000003", 3))
     assert rec.log == [("pause", mode), ("load", "/w/v000003", 3, flush), ("continue",)]
     failing = _Recorder(fail=True)
-    view = _PausedDiskLoad(_Engines(failing), mode)
+    view = PausedDiskLoad(_Engines(failing), mode)
     with pytest.raises(RuntimeError, match="load failed"):
         view.run(view.router.update_weights_from_disk("/w/v000004", 4))
     assert failing.log[-1] == ("continue",)  # generation resumes even when the load failed
