@@ -111,7 +111,8 @@ class RolloutWorker:
     async def stop(self) -> None:
         """Stop generating: cancel in-flight groups (their HTTP requests close) and close the clients."""
         self._stopping = True
-        tasks = [t for _, t in self._inflight.values()] + ([self._runner] if self._runner else [])
+        tasks = list({id(t): t for _, t in self._inflight.values()}.values())  # groups launched together share one
+        tasks += [self._runner] if self._runner else []
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -125,31 +126,45 @@ class RolloutWorker:
     # ------------------------------------------------------------------ generation
     async def _run(self) -> None:
         while not self._stopping and self._error is None:
-            for _ in range(self.gate.capacity(self.version, len(self.buffer))):
-                self._launch(self._retry.popleft() if self._retry else self.dataset.next_batch(1)[0])
+            prompts = [self._retry.popleft() if self._retry else self.dataset.next_batch(1)[0]
+                       for _ in range(max(0, self.gate.capacity(self.version, len(self.buffer))))]
+            if prompts:
+                self._launch(prompts)
             self._wake.clear()  # no await since capacity() was read: no wake-up can be missed
             await self._wake.wait()
 
-    def _launch(self, prompt: Prompt) -> None:
-        gid = next(self._gids)
-        self.gate.on_started()
-        self._inflight[gid] = (prompt, asyncio.create_task(self._group(gid, prompt)))
+    def _launch(self, prompts: list[Prompt]) -> None:
+        """Start the groups of ``prompts`` as ONE batched generation (group ids consecutive).
 
-    async def _group(self, gid: int, prompt: Prompt) -> None:
-        md = {"label": prompt.label, "prompt_index": prompt.index}
+        The engine then runs them as one forward batch: launched one task per group, the
+        requests reached the embedded engine apart and it ran each rollout batch as two or
+        more batches (e.g. 8 + 56 rows; measured, docs/performance.md).
+        """
+        gids = [next(self._gids) for _ in prompts]
+        for _ in prompts:
+            self.gate.on_started()
+        task = asyncio.create_task(self._groups(gids, prompts))
+        for gid, prompt in zip(gids, prompts):
+            self._inflight[gid] = (prompt, task)
+
+    async def _groups(self, gids: list[int], prompts: list[Prompt]) -> None:
+        md = [{"label": p.label, "prompt_index": p.index} for p in prompts]
+        n = self.cfg.n_samples_per_prompt
         try:
-            # the group's n samples as one batched /generate (rollout.batch_requests), else n requests
-            samples = await self.router.generate_groups([prompt.tokens], self.cfg.sampling,
-                                                        self.cfg.n_samples_per_prompt, first_group=gid,
-                                                        metadata=[md], batched=self.cfg.batch_requests)
-            self._finish(gid, prompt, samples)
+            # all groups as one batched /generate (rollout.batch_requests), else one request per sample
+            samples = await self.router.generate_groups([p.tokens for p in prompts], self.cfg.sampling, n,
+                                                        first_group=gids[0], metadata=md,
+                                                        batched=self.cfg.batch_requests)
+            for i, (gid, prompt) in enumerate(zip(gids, prompts)):
+                self._finish(gid, prompt, samples[i * n:(i + 1) * n])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - surfaced to the trainer by take()
-            logger.exception("rollout group %d failed", gid)
+            logger.exception("rollout groups %d-%d failed", gids[0], gids[-1])
             self._error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._inflight.pop(gid, None)
+            for gid in gids:
+                self._inflight.pop(gid, None)
             self._wake.set()
             self._data.set()
 

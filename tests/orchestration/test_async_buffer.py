@@ -187,6 +187,40 @@ def test_worker_fills_the_buffer_to_its_bound_and_waits():
     asyncio.run(go())
 
 
+class BatchRecordingRouter(FakeRouter):
+    """FakeRouter that records how many groups each ``generate_groups`` call carried."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    async def generate_groups(self, prompts, sampling, n, *, first_group=0, metadata=None, batched=True):
+        self.batches.append((len(prompts), first_group))
+        return await super().generate_groups(prompts, sampling, n, first_group=first_group, metadata=metadata,
+                                             batched=batched)
+
+
+def test_groups_admitted_together_go_out_as_one_batched_generation():
+    """Regression (issue 15): one task per group reached the embedded engine apart, which then ran
+    each rollout batch as 8 + 56 rows; everything the gate admits at once is one request now."""
+    async def go():
+        router = BatchRecordingRouter()
+        w = _worker(router, b=2, lag=1)
+        await w.start()
+        await _settle()
+        assert router.batches == [(4, 0)]  # (L + 1) x B groups, ids 0..3, one call
+        await w.take(2, current_version=0, timeout_s=1)
+        await w.set_version(1)
+        await _settle()
+        assert router.batches == [(4, 0), (2, 4)]
+        res = await w.take(4, current_version=1, timeout_s=1)
+        groups = sorted(g[0].group_index for g in res["groups"])
+        assert groups == [2, 3, 4, 5] and all(len(g) == N for g in res["groups"])
+        assert all(s.group_index == g[0].group_index for g in res["groups"] for s in g)
+        await w.stop()
+    asyncio.run(go())
+
+
 def test_aborted_groups_are_regenerated_and_flagged_groups_dropped():
     async def go():
         router = FakeRouter()
