@@ -125,4 +125,4 @@ def reload_weights_in_place(model: torch.nn.Module, model_path: str | os.PathLik
         validate_full_checkpoint(model, views, checked)
     except ValueError as exc:
         raise ValueError(f"{model_path}: {exc}") from None
-    return load_named_tensors(model, named, views)
+    return load_named_tensors(model, named, views, checked=True)  # validate_full_checkpoint ran every check

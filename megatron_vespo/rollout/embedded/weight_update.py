@@ -77,11 +77,13 @@ def _build_views(state: dict) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_named_tensors(model: torch.nn.Module, named: Sequence[tuple[str, torch.Tensor]],
-                       views: Optional[dict[str, torch.Tensor]] = None) -> int:
+                       views: Optional[dict[str, torch.Tensor]] = None, checked: bool = False) -> int:
     """Copy ``(checkpoint name, tensor)`` pairs into ``model``; all-or-nothing.
 
     Raises ValueError naming the offending tensors (unknown name, shape mismatch, non-floating
     dtype, duplicate, NaN / inf values). dtypes are converted like SGLang's weight loaders do (bf16 -> fp32 ...).
+    ``checked``: the caller already ran ``weight_checks.validate_full_checkpoint`` on these
+    tensors, so the NaN / inf screen (a pass over every value) is not repeated.
     """
     from megatron_vespo.fp8.serving import check_fp8_update, served_fp8_block
 
@@ -102,7 +104,8 @@ def load_named_tensors(model: torch.nn.Module, named: Sequence[tuple[str, torch.
     bad = [f"{n}: {t.dtype}" for n, t in named if not t.dtype.is_floating_point]
     if bad:
         raise ValueError(f"weights must be floating point: {'; '.join(bad[:3])}")
-    check_finite(named)  # a NaN weight would make every later /generate fail
+    if not checked:
+        check_finite(named)  # a NaN weight would make every later /generate fail
     for n, t in named:
         views[n].copy_(t)
     return len(named)
