@@ -306,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per system per round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per system per round")
+    # the async loop (three processes) settles later than the others: over 2 warm-up steps its
+    # iteration was still falling (e.g. 360 -> 257 ms over the next 6), so every system warms 6
+    p.add_argument("--warmup", type=int, default=6, help="untimed steps first (every system)")
     p.add_argument("--task-dir", default="outputs/cpu_addition")
     p.add_argument("--out", default="outputs/bench_pipeline")
     p.add_argument("--trl-venv", default="/work/trl-venv")
