@@ -25,6 +25,29 @@ def test_writer_shards_by_size_and_reader_reads_back(tmp_path):
         r.get("nope")
 
 
+def test_writer_without_copies_keeps_views_and_copies_only_overlapping_tensors(tmp_path):
+    """copy=False (save_hf_checkpoint): disjoint views of one storage (QKV / gate-up splits of a
+    parameter) are written as they are; overlapping ones (tied weights) are cloned at the flush."""
+    fused = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    for d in ("views", "tied"):
+        (tmp_path / d).mkdir()
+    w = ShardedSafetensorsWriter(tmp_path / "views", copy=False)
+    w.add_all([("q", fused[0]), ("k", fused[1]), ("v", fused[2])])
+    assert w._pending["q"].data_ptr() == fused[0].data_ptr()  # no copy was made
+    w.finalize()
+    r = HFCheckpointReader(tmp_path / "views")
+    assert all(torch.equal(r.get(n), fused[i]) for i, n in enumerate("qkv"))
+    emb = torch.randn(5, 3)
+    w = ShardedSafetensorsWriter(tmp_path / "tied", copy=False)
+    w.add_all([("embed", emb), ("lm_head", emb)])  # the same memory twice: safetensors refuses it as is
+    w.finalize()
+    r = HFCheckpointReader(tmp_path / "tied")
+    assert torch.equal(r.get("embed"), emb) and torch.equal(r.get("lm_head"), emb)
+    w = ShardedSafetensorsWriter(tmp_path / "copied")  # the default copies every tensor
+    w.add("q", fused[0])
+    assert w._pending["q"].data_ptr() != fused[0].data_ptr()
+
+
 def test_index_pointing_at_the_wrong_shard_is_named(tmp_path):
     w = ShardedSafetensorsWriter(tmp_path, max_shard_bytes=500)
     w.add_all({"a": torch.zeros(100), "b": torch.ones(100)}.items())
