@@ -256,13 +256,14 @@ def iter_hf_weights(model: Any, dims: Any, *, bucket_bytes: int = DEFAULT_BUCKET
             # every EP rank of the stage owning this layer joins the all-gather with its local experts
             # of the unit stacked (testing unit[0] left EP ranks > 0 out of it under PP)
             n_local = len(unit) // layout.ep_size
-            mine = torch.stack([_gather_tp(local[r.mcore], layout, dims.vocab_size)
-                                for r in unit[layout.ep_rank * n_local:(layout.ep_rank + 1) * n_local]])
-            if layout.ep_size > 1:
-                parts = [torch.empty_like(mine) for _ in range(layout.ep_size)]
-                torch.distributed.all_gather(parts, mine, group=layout.groups["ep"])
-                mine = torch.cat(parts)
-            fulls = list(mine.unbind(0))
+            mine = [_gather_tp(local[r.mcore], layout, dims.vocab_size)
+                    for r in unit[layout.ep_rank * n_local:(layout.ep_rank + 1) * n_local]]
+            if layout.ep_size > 1:  # stacked for one all-gather (with EP 1 the stack was only a copy)
+                stacked = torch.stack(mine)
+                parts = [torch.empty_like(stacked) for _ in range(layout.ep_size)]
+                torch.distributed.all_gather(parts, stacked, group=layout.groups["ep"])
+                mine = list(torch.cat(parts).unbind(0))
+            fulls = mine
         else:
             fulls = None
         if layout.pp_size > 1:
