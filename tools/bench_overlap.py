@@ -1,10 +1,12 @@
-"""A/B of the async loop's deferred engine load: ``loop.overlap_weight_load`` true vs false, alternating.
+"""A/B of two settings of the async loop, alternating: by default ``loop.overlap_weight_load`` true vs false.
 
 Runs ``examples/configs/cpu_addition_async.yaml`` on a prepared addition task
 (``python tools/addition_task.py prepare --out outputs/cpu_addition``) ``--rounds`` times per
 setting, the order alternating per round, and prints per run completions/s and the per-phase
 means from ``metrics.jsonl`` (warm-up rollouts skipped), the load average before and after,
-then the median completions/s per setting and the per-round ratios (true / false).
+then the median completions/s per setting and the per-round ratios (A / B). ``--a`` / ``--b``
+(repeatable ``KEY=VALUE``) replace the two settings, e.g.
+``--a weight_sync.kind=tensor --b weight_sync.kind=disk``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ def _loadavg() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
-def run_once(task: Path, out: Path, overlap: bool, rollouts: int, warmup: int, seed: int) -> dict:
-    """One training run; returns completions/s, per-phase means (ms) and the load average around it."""
+def run_once(task: Path, out: Path, setting: list[str], rollouts: int, warmup: int, seed: int) -> dict:
+    """One training run with the ``KEY=VALUE`` overrides of ``setting``; returns completions/s, per-phase
+    means (ms) and the load average around it."""
     sets = {"model.hf_path": task / "sft", "data.path": task / "train.jsonl", "loop.num_rollouts": warmup + rollouts,
             "loop.output_dir": out, "rollout.sampling.sampling_seed": seed,
-            "loop.overlap_weight_load": str(overlap).lower()}
+            **dict(kv.split("=", 1) for kv in setting)}
     cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", str(REPO / "examples/configs/cpu_addition_async.yaml")]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
@@ -62,25 +65,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rollouts", type=int, default=10, help="timed rollouts per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed rollouts first")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--a", action="append", metavar="KEY=VALUE", help="setting A (default: overlap on)")
+    p.add_argument("--b", action="append", metavar="KEY=VALUE", help="setting B (default: overlap off)")
     args = p.parse_args(argv)
+    settings = {"A": args.a or ["loop.overlap_weight_load=true"], "B": args.b or ["loop.overlap_weight_load=false"]}
+    for name, kvs in settings.items():
+        if any("=" not in kv for kv in kvs):
+            p.error(f"--{name.lower()} takes KEY=VALUE, got {kvs}")
     task, out = Path(args.task_dir).resolve(), Path(args.out).resolve()
     if not (task / "sft" / "config.json").is_file():
         p.error(f"--task-dir {task}: no prepared task (python tools/addition_task.py prepare --out {task})")
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[bool, list[dict]] = {True: [], False: []}
+    results: dict[str, list[dict]] = {"A": [], "B": []}
     for rnd in range(args.rounds):
-        for overlap in ((True, False) if rnd % 2 == 0 else (False, True)):
-            res = run_once(task, out / f"r{rnd}_{str(overlap).lower()}", overlap, args.rollouts, args.warmup,
-                           args.seed + rnd)
-            results[overlap].append(res)
-            print(f"round {rnd + 1} overlap_weight_load={str(overlap).lower()}: "
+        for name in (("A", "B") if rnd % 2 == 0 else ("B", "A")):
+            res = run_once(task, out / f"r{rnd}_{name}", settings[name], args.rollouts, args.warmup, args.seed + rnd)
+            results[name].append(res)
+            print(f"round {rnd + 1} {name} ({' '.join(settings[name])}): "
                   + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),
                   flush=True)
     med = {k: statistics.median(r["completions_per_s"] for r in v) for k, v in results.items()}
-    ratios = [a["completions_per_s"] / b["completions_per_s"] for a, b in zip(results[True], results[False])]
-    print(f"median completions/s: overlap {med[True]:.1f}, no overlap {med[False]:.1f}; "
-          f"ratio {med[True] / med[False]:.3f}; per round {[round(x, 3) for x in ratios]}")
-    (out / "results.json").write_text(json.dumps({str(k).lower(): v for k, v in results.items()}, indent=1))
+    ratios = [a["completions_per_s"] / b["completions_per_s"] for a, b in zip(results["A"], results["B"])]
+    print(f"median completions/s: A {med['A']:.1f}, B {med['B']:.1f}; "
+          f"ratio {med['A'] / med['B']:.3f}; per round {[round(x, 3) for x in ratios]}")
+    (out / "results.json").write_text(json.dumps({"settings": settings, **results}, indent=1))
     return 0
 
 

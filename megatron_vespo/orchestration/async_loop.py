@@ -40,7 +40,7 @@ from megatron_vespo.config.base import ConfigError
 from megatron_vespo.config.job import JobConfig
 from megatron_vespo.orchestration.async_buffer import lag_metrics
 from megatron_vespo.orchestration.collect import sample_metrics
-from megatron_vespo.orchestration.weight_load import BackgroundLoad, PausedDiskLoad, deferred_disk_update
+from megatron_vespo.orchestration.weight_load import BackgroundLoad, PausedDiskLoad, deferred_update
 from megatron_vespo.orchestration.weight_load import overlap_weight_load as resolve_overlap
 from megatron_vespo.types import Sample
 from megatron_vespo.utils.imports import require
@@ -187,8 +187,8 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             version += 1
             sm = loader.join()  # collective: the previous version's background load (and its error)
             if overlap:
-                sm.update(deferred_disk_update(s, engines, version, job.loop.pause_mode, loader,
-                                               then=partial(_set_version, ray, worker, version)))
+                sm.update(deferred_update(s, engines, version, job.loop.pause_mode, loader,
+                                          then=partial(_set_version, ray, worker, version)))
                 sm["weight_sync/total_s"] = sm["weight_sync/export_s"] + sm["time/weight_load_wait_s"]
             else:
                 sm.update(update_engines(s, engines, version, job.loop.pause_mode))

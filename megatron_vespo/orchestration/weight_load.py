@@ -1,14 +1,17 @@
 """The async loop's weight update, with the engines' load optionally deferred to a background thread.
 
-Synchronous (``loop.overlap_weight_load: false``, and always for ``max_policy_lag = 0`` or a
-non-disk ``weight_sync.kind``): every rank exports, rank 0 pauses the engines, they load the
+Synchronous (``loop.overlap_weight_load: false``, and always for ``max_policy_lag = 0``,
+``weight_sync.kind: distributed`` or ``tensor`` on GPU): every rank exports, rank 0 pauses the engines, they load the
 new version, generation continues, the worker is told the new version -- the trainer waits for
 all of it (``update_engines``).
 
 Deferred (``loop.overlap_weight_load``, default where it applies): the collective export stays
 synchronous on every rank, then rank 0 hands ``pause -> /update_weights_from_disk -> continue
 -> rotate old exports -> worker.set_version`` to one background thread (``BackgroundLoad``) and
-the trainer goes on to pull and train the next batch. Why the lag accounting stays exact:
+the trainer goes on to pull and train the next batch. With ``weight_sync.kind: tensor`` (CPU)
+the export is the staging of every bucket in persistent shared memory and the background job
+posts ``/update_weights_from_tensor`` inside a weight-update window instead
+(``deferred_tensor_update``). Why the lag accounting stays exact:
 
 * the next batch needs no new admission budget: after the trainer has consumed
   ``(v - v0)`` batches at version ``v``, the worker, still at ``v - 1``, may have
@@ -55,9 +58,13 @@ def overlap_weight_load(job: JobConfig) -> bool:
     if loop.max_policy_lag < 1:
         why = ("loop.max_policy_lag=0: the next batch must come from the new weights, so the trainer has to wait "
                "for the load anyway")
-    elif kind != "disk":
-        why = (f"weight_sync.kind={kind}: only the disk path's load runs on rank 0 alone (the others are "
-               "collective transfers); use weight_sync.kind=disk")
+    elif kind not in ("disk", "tensor"):
+        why = (f"weight_sync.kind={kind}: its transfer is a collective broadcast with the engines, which cannot "
+               "run on rank 0 alone; use weight_sync.kind=disk or tensor")
+    elif kind == "tensor" and torch.cuda.is_available():
+        why = ("weight_sync.kind=tensor on GPU: deferring the load would keep a second copy of the whole model in "
+               "device memory until the engines answered (the deferred tensor load stages buckets in host shared "
+               "memory: CPU runs)")
     if loop.overlap_weight_load is None:
         return why is None
     if loop.overlap_weight_load and why is not None:
@@ -199,3 +206,35 @@ def deferred_disk_update(setup: LoopSetup, engines: Optional[Engines], version: 
 
         loader.start(load, f"engine load of version {version}")
     return {"weight_sync/export_s": export_s}
+
+
+def deferred_tensor_update(setup: LoopSetup, engines: Optional[Engines], version: int, pause_mode: str,
+                           loader: BackgroundLoad, then: Optional[Callable[[], Any]] = None) -> dict[str, float]:
+    """Collective staging of ``version`` in shared memory; rank 0 then posts it to the engines in the background.
+
+    The tensor path's counterpart of :func:`deferred_disk_update`: on the trainer's path every
+    rank copies its buckets into persistent shared-memory buffers (``weight_sync/staging.py``,
+    one copy of the weights, no file); the background job is weight-update window -> pause ->
+    ``/update_weights_from_tensor`` per bucket -> continue -> window closed, then ``then()``.
+    The buffers are rewritten only by the next staging, which comes after ``loader.join()``.
+    Returns the staging's metrics (``weight_sync/export_s``); the load's come from the join.
+    """
+    if loader.pending:
+        raise RuntimeError(f"staging version {version} while the previous load is pending: join it first")
+    staged = setup.sync.stage(setup.actor.model, engines)
+    if engines is not None:
+        def load() -> dict[str, float]:
+            metrics = setup.sync.send(staged, version, engines, pause_mode=pause_mode)  # paused inside the window
+            if then is not None:
+                then()
+            return metrics
+
+        loader.start(load, f"engine load of version {version}")
+    return {"weight_sync/export_s": staged.stage_s}
+
+
+def deferred_update(setup: LoopSetup, engines: Optional[Engines], version: int, pause_mode: str,
+                    loader: BackgroundLoad, then: Optional[Callable[[], Any]] = None) -> dict[str, float]:
+    """The deferred update of ``weight_sync.kind`` (disk: export; tensor: shared-memory staging)."""
+    fn = deferred_tensor_update if setup.job.weight_sync.kind == "tensor" else deferred_disk_update
+    return fn(setup, engines, version, pause_mode, loader, then)

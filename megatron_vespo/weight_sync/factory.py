@@ -91,6 +91,25 @@ class TensorEngineSync(EngineWeightSync):
         return self.sync.push(model, version, clients=engines.router.clients if engines else None,
                               run=engines.run if engines else None)
 
+    def stage(self, model: Any, engines: Optional[Engines] = None) -> Any:
+        """Collective (CPU): stage ``model``'s buckets in shared memory; rank 0 keeps the payloads for ``send``."""
+        return self.sync.stage(model, clients=engines.router.clients if engines else None,
+                               run=engines.run if engines else None)
+
+    def send(self, staged: Any, version: int, engines: Engines, pause_mode: Optional[str] = None) -> dict[str, float]:
+        """Rank 0: the engines load the staged buckets as ``version`` (no collectives); with ``pause_mode``
+        generation is paused (that mode) around the transfer and continued after it."""
+        router = engines.router
+
+        def pause() -> None:
+            engines.run(router.pause_generation(pause_mode))
+
+        def resume() -> None:
+            engines.run(router.continue_generation())
+        paused = pause_mode is not None
+        return self.sync.send(staged, version, router.clients, engines.run, pause=pause if paused else None,
+                              resume=resume if paused else None)
+
 
 def build_weight_sync(kind: str, *, root: str | Path, hf_cfg: Any, cfg: Optional[WeightSyncConfig] = None,
                       source_dir: Optional[str] = None, engine_tp_size: int = 1,

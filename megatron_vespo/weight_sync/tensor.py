@@ -28,6 +28,7 @@ import base64
 import io
 import logging
 import time
+from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
@@ -35,6 +36,7 @@ import torch
 
 from megatron_vespo.weight_sync.config import WeightSyncConfig
 from megatron_vespo.weight_sync.group import with_last
+from megatron_vespo.weight_sync.staging import BucketStaging
 from megatron_vespo.wire import flattened_bucket
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,20 @@ def serialize(obj: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@dataclass
+class StagedWeights:
+    """One version's buckets staged by :meth:`TensorWeightSync.stage`.
+
+    ``payloads[b][r]``: bucket ``b``'s ``serialized_named_tensors`` entry of training rank ``r``
+    (base64 strings, a few hundred bytes each: handles of shared memory), rank 0 only (None
+    elsewhere); ``nbytes``: this rank's bytes; ``stage_s``: seconds the staging took.
+    """
+
+    payloads: Optional[list[list[str]]]
+    nbytes: int
+    stage_s: float
+
+
 def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -90,6 +106,8 @@ class TensorWeightSync:
             raise ValueError(f"engine_tp_size must be >= 1, got {engine_tp_size}")
         self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                                  else torch.device("cpu"))
+        # CPU: buckets live in persistent shared memory (staging.py); GPU: one bucket at a time, freed after
+        self.staging = BucketStaging() if self.device.type == "cpu" else None
 
     def _post(self, clients: Sequence[Any], run: Callable[[Awaitable[Any]], Any], payloads: list[str],
               version: Optional[int], last: bool) -> Optional[str]:
@@ -131,12 +149,7 @@ class TensorWeightSync:
         from megatron_vespo.checkpoint.hf_weights import iter_hf_weights
 
         rank, world = _rank_world()
-        error = None
-        if rank == 0 and (clients is None or run is None):
-            error = "TensorWeightSync.push needs clients= and run= on rank 0"
-        elif world % self.tp or (rank == 0 and len(clients) != world // self.tp):
-            error = (f"colocated engines: {world} training ranks must equal engines x engine_tp_size "
-                     f"({len(clients or [])} x {self.tp})")
+        error = self._layout_error(rank, world, clients, run, "push")
         opened: list[bool] = []
         if rank == 0 and error is None:  # sglang >= 0.5.21 refuses the update outside a window
             opened, error = self._windows(clients, run, "begin", [True] * len(clients))
@@ -150,9 +163,11 @@ class TensorWeightSync:
         buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.export_dtype)
         try:
             for bucket, last in with_last(buckets):  # the last bucket carries the version and the cache flush
-                self._send(bucket, last, version, clients, run, rank, world)
+                self._send(nbuckets, bucket, last, version, clients, run, rank, world)
                 nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
                 nbuckets += 1
+            if self.staging is not None:
+                self.staging.trim(nbuckets)
         finally:
             if rank == 0 and any(opened):
                 _, end_error = self._windows(clients, run, "end", opened)
@@ -161,13 +176,104 @@ class TensorWeightSync:
         return {"weight_sync/total_s": time.perf_counter() - t0, "weight_sync/bytes": float(nbytes),
                 "weight_sync/buckets": float(nbuckets)}
 
-    def _send(self, bucket: list, last: bool, version: int, clients: Any, run: Any, rank: int, world: int) -> None:
-        data = flattened_bucket([(n, t.to(self.device)) for n, t in bucket])
+    def _layout_error(self, rank: int, world: int, clients: Optional[Sequence[Any]], run: Any,
+                      what: str) -> Optional[str]:
+        """Rank 0's clients and the engines' layout against the training world; None when they fit."""
+        if rank == 0 and (clients is None or run is None):
+            return f"TensorWeightSync.{what} needs clients= and run= on rank 0"
+        if world % self.tp or (rank == 0 and len(clients) != world // self.tp):
+            return (f"colocated engines: {world} training ranks must equal engines x engine_tp_size "
+                    f"({len(clients or [])} x {self.tp})")
+        return None
+
+    @torch.no_grad()
+    def stage(self, model: Any, clients: Optional[Sequence[Any]] = None,
+              run: Optional[Callable[[Awaitable[Any]], Any]] = None) -> StagedWeights:
+        """Collective, CPU only: every bucket into this rank's persistent buffers -> rank 0 holds every payload.
+
+        The engines' load is then :meth:`send` on rank 0 (no collectives, so it may run in a
+        background thread). The buffers are rewritten by the next ``stage`` / ``push``: ``send``
+        must have returned by then (``orchestration/weight_load.py`` joins it first). ``clients``
+        and ``run`` (rank 0) are only checked here, against the training world.
+        """
+        from megatron_vespo.checkpoint.hf_weights import iter_hf_weights
+
+        rank, world = _rank_world()
+        error = self._layout_error(rank, world, clients, run, "stage")
+        if error is None and self.staging is None:
+            error = f"TensorWeightSync.stage keeps buckets in host shared memory; the device is {self.device}"
+        if world > 1:  # rank 0's verdict on every rank: the others would wait in the gathers below
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise ValueError(error)
+        t0, nbytes, payloads = time.perf_counter(), 0, []
+        buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.export_dtype)
+        for index, bucket in enumerate(buckets):
+            payloads.append(self._payloads(index, bucket, rank, world)[0])
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        self.staging.trim(len(payloads))
+        return StagedWeights(payloads if rank == 0 else None, nbytes, time.perf_counter() - t0)
+
+    def send(self, staged: StagedWeights, version: int, clients: Sequence[Any], run: Callable[[Awaitable[Any]], Any],
+             *, pause: Optional[Callable[[], Any]] = None, resume: Optional[Callable[[], Any]] = None
+             ) -> dict[str, float]:
+        """Rank 0: post the staged buckets (the last one carries ``version``) inside a weight-update window.
+
+        ``pause`` / ``resume`` (optional) run just around the posts, inside the window: the
+        engines generate while the window opens and closes (the window pauses nothing in SGLang),
+        so they stop only for the transfer itself (``time/engines_paused_s``). Raises
+        RuntimeError naming the engine's refusal; ``resume`` runs and the window is closed on
+        every path.
+        """
+        if staged.payloads is None:
+            raise ValueError("TensorWeightSync.send runs on training rank 0 (the one that holds the payloads)")
+        t0 = time.perf_counter()
+        opened, error = self._windows(clients, run, "begin", [True] * len(clients))
+        if error is not None:
+            raise RuntimeError(error)
+        paused_s = 0.0
+        try:
+            t1 = time.perf_counter()
+            if pause is not None:
+                pause()
+            try:
+                for i, payloads in enumerate(staged.payloads):
+                    error = self._post(clients, run, payloads, version, i == len(staged.payloads) - 1)
+                    if error is not None:
+                        raise RuntimeError(f"update_weights_from_tensor failed: {error}")
+            finally:
+                if resume is not None:
+                    resume()
+                paused_s = time.perf_counter() - t1
+        finally:
+            if any(opened):
+                _, end_error = self._windows(clients, run, "end", opened)
+                if end_error is not None:
+                    logger.error("%s", end_error)
+        return {"weight_sync/load_s": time.perf_counter() - t0, "weight_sync/bytes": float(staged.nbytes),
+                "weight_sync/buckets": float(len(staged.payloads)), "time/engines_paused_s": paused_s}
+
+    def _payloads(self, index: int, bucket: list, rank: int, world: int) -> tuple[Optional[list[str]], dict]:
+        """Collective: this rank's flattened bucket ``index`` -> (every rank's payload on rank 0, else None; the data).
+
+        The data must stay alive until the engines have answered for this bucket.
+        """
+        if self.staging is not None:
+            data = self.staging.pack(index, bucket)
+        else:
+            data = flattened_bucket([(n, t.to(self.device)) for n, t in bucket])
         mine = serialize(data)
         payloads = [mine]
         if world > 1:
             payloads = [None] * world if rank == 0 else None
             torch.distributed.gather_object(mine, payloads, dst=0)
+        return payloads, data
+
+    def _send(self, index: int, bucket: list, last: bool, version: int, clients: Any, run: Any, rank: int,
+              world: int) -> None:
+        payloads, data = self._payloads(index, bucket, rank, world)
         status = [None]
         if rank == 0:
             try:

@@ -42,12 +42,21 @@ def _job(tmp_path=None, **loop):
 def test_the_option_is_on_where_it_applies_and_refused_by_name_elsewhere():
     assert overlap_weight_load(_job(max_policy_lag=1)) is True
     assert overlap_weight_load(_job(max_policy_lag=0)) is False  # falls back to the synchronous load
-    assert overlap_weight_load(_job(max_policy_lag=1, kind="tensor")) is False
+    assert overlap_weight_load(_job(max_policy_lag=1, kind="tensor")) is True  # CPU: staged in shared memory
     assert overlap_weight_load(_job(max_policy_lag=2, overlap_weight_load=False)) is False
     with pytest.raises(ConfigError, match=r"loop\.overlap_weight_load=true.*loop\.max_policy_lag=0"):
         overlap_weight_load(_job(max_policy_lag=0, overlap_weight_load=True))
     with pytest.raises(ConfigError, match=r"loop\.overlap_weight_load=true.*weight_sync\.kind=distributed"):
         overlap_weight_load(_job(max_policy_lag=1, overlap_weight_load=True, kind="distributed"))
+
+
+def test_the_tensor_path_is_not_deferred_on_gpu(monkeypatch):
+    """On GPU the staged buckets would be a second copy of the model in device memory."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert overlap_weight_load(_job(max_policy_lag=1, kind="tensor")) is False
+    assert overlap_weight_load(_job(max_policy_lag=1, kind="disk")) is True
+    with pytest.raises(ConfigError, match=r"weight_sync\.kind=tensor on GPU"):
+        overlap_weight_load(_job(max_policy_lag=1, overlap_weight_load=True, kind="tensor"))
 
 
 # ---------------------------------------------------------------- BackgroundLoad
@@ -185,6 +194,7 @@ class FakeSetup:
         self.dataset = None
         self.sync = type("Sync", (), {"disk": FakeDisk(tmp_path / "weights"), "close": lambda self, e: None})()
         self.sync.update = self._sync_update  # the synchronous path (update_engines)
+        self.sync.stage, self.sync.send = self._stage, self._send  # weight_sync.kind=tensor
         outer = self
 
         class Actor:
@@ -214,6 +224,14 @@ class FakeSetup:
         view.run(view.update_weights_from_disk(str(path), version))
         self.sync.disk.rotate(version)
         return {"weight_sync/export_s": 0.0, "weight_sync/load_s": 0.0}
+
+    def _stage(self, model, engines):  # tensor path: the staged buckets stand in as a directory
+        self.log.append(("staged", len([e for e in self.log if e[0] == "staged"]) + 1))
+        return type("Staged", (), {"stage_s": 0.0, "path": self.sync.disk.export(model, len(self.log))})()
+
+    def _send(self, staged, version, engines, pause_mode=None):
+        engines.run(engines.router.update_weights_from_disk(str(staged.path), version))
+        return {"weight_sync/load_s": 0.0, "time/engines_paused_s": 0.0}
 
     def start_engines(self, embedded_mode=None):
         return self.engines
@@ -275,6 +293,21 @@ def test_the_trainer_trains_the_next_batch_while_the_engines_load(monkeypatch, t
     rows = [e[2] for e in log if e[0] == "row"]
     assert all("time/weight_load_wait_s" in r and "weight_sync/export_s" in r for r in rows)
     assert [e for e in log if e[0] == "save"] == [("save", 1, 1), ("save", 2, 2), ("save", 3, 3)]
+
+
+def test_the_tensor_path_stages_on_the_trainers_path_and_loads_in_the_background(monkeypatch, tmp_path):
+    log, run = _run(monkeypatch, tmp_path, rollouts=3, kind="tensor")
+    run()
+    loads = [e for e in log if e[0] == "loaded"]
+    assert loads[0] == ("loaded", 1, True), log  # version 1's transfer overlapped training batch 2
+    assert [v for _, v, _ in loads] == [1, 2, 3]
+    for v in (1, 2):  # staged before the next batch is trained
+        assert log.index(("staged", v)) < log.index(("train", v + 1))
+    for v in (1, 2, 3):  # the worker hears of v only after the engines serve it
+        assert log.index(("loaded", v, loads[v - 1][2])) < log.index(("set_version", v))
+    # a staging is never started while the previous transfer may still read the buffers
+    for v in (2, 3):
+        assert log.index(("loaded", v - 1, loads[v - 2][2])) < log.index(("staged", v))
 
 
 def test_lag_zero_falls_back_to_the_synchronous_load(monkeypatch, tmp_path):

@@ -111,10 +111,31 @@ def _one_rank(rank, world):
                 p.mul_(-1.0)
         ref4 = export_hf_state_dict(model, hf_cfg)
         opened = handle.engine.weight_window.opened
-        out["tensor"] = TensorWeightSync(hf_cfg, _cfg()).push(model, 6, clients=[client], run=run)
+        tensor = TensorWeightSync(hf_cfg, _cfg())
+        out["tensor"] = tensor.push(model, 6, clients=[client], run=run)
         out["tensor_windows"] = (handle.engine.weight_window.opened - opened, handle.engine.weight_window.is_open)
         out["mismatch_tensor"] = mismatches(handle.engine, ref4)
         out["version_tensor"] = run(client.weight_version())
+        # later syncs refill the same shared-memory buffers (staging.py): the engine must see the new bits
+        allocated = tensor.staging.allocations
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.25)
+        ref5 = export_hf_state_dict(model, hf_cfg)
+        tensor.push(model, 7, clients=[client], run=run)
+        out["mismatch_tensor2"] = mismatches(handle.engine, ref5)
+        # the deferred load's split: stage (collective) then send (rank 0, no collectives)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)
+        ref6 = export_hf_state_dict(model, hf_cfg)
+        staged = tensor.stage(model, clients=[client], run=run)
+        out["mismatch_staged_unsent"] = len(mismatches(handle.engine, ref6))  # staging alone changes nothing
+        out["send"] = tensor.send(staged, 8, [client], run)
+        out["mismatch_tensor3"] = mismatches(handle.engine, ref6)
+        out["version_tensor3"] = run(client.weight_version())
+        out["tensor_allocations"] = (allocated, tensor.staging.allocations, out["tensor"]["weight_sync/buckets"])
+        out["tensor_window_open_after_send"] = handle.engine.weight_window.is_open
     finally:
         run(client.aclose())
         handle.stop()
@@ -168,6 +189,16 @@ def test_flattened_bucket_and_tensor_paths(one_rank):
     assert "nccl" in r["nccl"] and "400" in r["nccl"]
     assert r["mismatch_tensor"] == [] and r["version_tensor"] == "6"
     assert r["tensor_windows"] == (1, False)  # one window around the tensor push, closed after it
+
+
+def test_tensor_path_reuses_its_shared_memory_buffers_and_the_engine_sees_each_new_version(one_rank):
+    r = one_rank
+    allocated, after, buckets = r["tensor_allocations"]
+    assert buckets > 1 and allocated == after == buckets  # one buffer per bucket, allocated once for 3 syncs
+    assert r["mismatch_tensor2"] == [] and r["mismatch_tensor3"] == []
+    assert r["mismatch_staged_unsent"] > 0  # the engine changed only when the staged buckets were sent
+    assert r["version_tensor3"] == "8" and not r["tensor_window_open_after_send"]
+    assert r["send"]["weight_sync/buckets"] == buckets and r["send"]["weight_sync/bytes"] > 0
 
 
 def _two_ranks(rank, world):
