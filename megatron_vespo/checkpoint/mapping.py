@@ -25,6 +25,7 @@ Layouts (dim 0 = output features, as in ``nn.Linear``):
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
@@ -88,13 +89,19 @@ def _layer_rules(dims: Qwen3MoeDims, i: int) -> list[ParamRule]:
 
 def build_rules(dims: Qwen3MoeDims) -> list[ParamRule]:
     """Every parameter of the model, in a fixed order shared by all ranks (export relies on it)."""
+    return list(_rules(dims))
+
+
+@functools.lru_cache(maxsize=8)
+def _rules(dims: Qwen3MoeDims) -> tuple[ParamRule, ...]:
+    """``build_rules`` cached per (frozen) dims: every weight sync maps the model again (~1 ms of rules here)."""
     rules = [ParamRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), tp_dim=0, vocab=True)]
     for i in range(dims.num_layers):
         rules.extend(_layer_rules(dims, i))
     rules.append(ParamRule("decoder.final_layernorm.weight", ("model.norm.weight",)))
     if not dims.tie_word_embeddings:
         rules.append(ParamRule("output_layer.weight", ("lm_head.weight",), tp_dim=0, vocab=True))
-    return rules
+    return tuple(rules)
 
 
 def hf_shape(name: str, dims: Qwen3MoeDims) -> tuple:
@@ -210,6 +217,7 @@ _EXPERT_RE = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 _UNSUPPORTED = re.compile(r"\.mlp\.experts\.weight[12]$|\.mlp\.shared_experts?\.|\.bias$|expert_bias$")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a pure function of its arguments, called per parameter in every sync
 def canonical_name(local_name: str, layer_offset: int = 0, expert_offset: int = 0) -> str:
     """Map a rank-local Megatron parameter name (local or TE spec) to its canonical global name.
 

@@ -309,13 +309,14 @@ class MegatronActor:
 
         def callback(mb: batching.MicroBatch, lp: torch.Tensor, ent: Optional[torch.Tensor]) -> tuple:
             old_lp = lp.detach() * mb.loss_mask if fused_old else mb.old_log_prob
-            loss, _ = compute_policy_loss(
+            loss, loss_metrics = compute_policy_loss(
                 lc.name, log_prob=lp, old_log_prob=old_lp, advantages=mb.advantages,
                 response_mask=mb.loss_mask, loss_agg_mode=lc.loss_agg_mode,
                 rollout_is_weights=mb.is_weights,
                 group_index=mb.group_index if spec.needs_group else None, global_denominator=denom, **lc.params)
             # the schedule divides in place: keep a clone for reporting
-            return loss * scale, (mb.rows, lp.detach(), None if ent is None else ent.detach(), loss.detach().clone())
+            return loss * scale, (mb.rows, lp.detach(), None if ent is None else ent.detach(), loss.detach().clone(),
+                                  loss_metrics)
 
         for m in self.model:
             m.zero_grad_buffer()
@@ -334,7 +335,7 @@ class MegatronActor:
         self.updates += 1
         elapsed = time.perf_counter() - t0
         if fused_old:
-            lp_all = gather_rows([(r, x) for r, x, _, _ in stashes], *batch.tokens.shape, dp_group=self.dp_group,
+            lp_all = gather_rows([(r, x) for r, x, *_ in stashes], *batch.tokens.shape, dp_group=self.dp_group,
                                  pp_group=self.pp_group, pp_last_rank=self.pp_last_rank,
                                  is_last_stage=self.is_last_stage, device=self.info.device)
             old[rows] = lp_all[rows] * batch.loss_mask[rows]
@@ -351,15 +352,19 @@ class MegatronActor:
         b, s = batch.tokens.shape
         kw = dict(dp_group=self.dp_group, pp_group=self.pp_group, pp_last_rank=self.pp_last_rank,
                   is_last_stage=self.is_last_stage, device=self.info.device)
-        lp = gather_rows([(r, x) for r, x, _, _ in stashes], b, s, **kw)[rows]
-        ent = gather_rows([(r, e) for r, _, e, _ in stashes], b, s, **kw)[rows]
+        lp = gather_rows([(r, x) for r, x, *_ in stashes], b, s, **kw)[rows]
+        ent = gather_rows([(r, e) for r, _, e, *_ in stashes], b, s, **kw)[rows]
         micro_sum = torch.tensor([float(sum(float(x[3]) for x in stashes))], device=self.info.device)
         if self.is_last_stage and torch.distributed.get_world_size(self.dp_group) > 1:
             torch.distributed.all_reduce(micro_sum, group=self.dp_group)
         metrics: dict[str, float] = {}
         if self.is_last_stage:
             lc = self.loss_cfg
+            # one micro-batch on one data-parallel rank: its loss call already saw the whole mini-batch
+            # (same rows, same denominator), so its metrics are the mini-batch's and are not computed twice
+            whole = len(stashes) == 1 and self.info.dp_size == 1 and int(stashes[0][0].numel()) == int(rows.numel())
             metrics = update_metrics(
+                loss_metrics=stashes[0][4] if whole else None,
                 loss_name=lc.name, loss_params=lc.params, loss_agg_mode=lc.loss_agg_mode, log_prob=lp,
                 old_log_prob=old[rows], entropy=ent, advantages=batch.advantages[rows].float(), mask=mask[rows],
                 rollout_is_weights=None if is_weights is None else is_weights[rows],

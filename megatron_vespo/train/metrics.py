@@ -67,16 +67,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 def update_metrics(*, loss_name: str, loss_params: dict, loss_agg_mode: Optional[str], log_prob: torch.Tensor,
                    old_log_prob: torch.Tensor, entropy: Optional[torch.Tensor], advantages: torch.Tensor,
                    mask: torch.Tensor, rollout_is_weights: Optional[torch.Tensor], group_index: Optional[torch.Tensor],
-                   global_denominator: Optional[float], clip_eps: float = 0.2) -> dict[str, float]:
+                   global_denominator: Optional[float], clip_eps: float = 0.2,
+                   loss_metrics: Optional[dict[str, float]] = None) -> dict[str, float]:
     """Registry loss + metrics on the whole mini-batch and the actor's own diagnostics.
 
     Args are [M, S] tensors of the mini-batch (``advantages`` [M]); ``global_denominator`` is
     the value the micro-batch calls used, so ``loss`` is the exact mini-batch loss.
+    ``loss_metrics``: what ``compute_policy_loss`` returned for exactly this mini-batch (the
+    training step's own call when the mini-batch was one micro-batch); the loss is then not
+    computed again.
     """
-    loss, metrics = compute_policy_loss(
-        loss_name, log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=mask,
-        loss_agg_mode=loss_agg_mode, rollout_is_weights=rollout_is_weights, group_index=group_index,
-        global_denominator=global_denominator, **loss_params)
+    if loss_metrics is None:
+        _, loss_metrics = compute_policy_loss(
+            loss_name, log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=mask,
+            loss_agg_mode=loss_agg_mode, rollout_is_weights=rollout_is_weights, group_index=group_index,
+            global_denominator=global_denominator, **loss_params)
+    metrics = loss_metrics
     out = {f"loss/{k}" if k != "loss" else "loss": v for k, v in metrics.items()}
     log_ratio = (log_prob - old_log_prob) * mask
     ratio = torch.exp(log_ratio)

@@ -96,3 +96,18 @@ def test_collate_errors():
         collate([])
     with pytest.raises(ValueError, match="Sample.routed_experts"):
         Sample(prompt_tokens=[1, 2], response_tokens=[3], routed_experts=torch.zeros(3, 1, 1))
+
+
+def test_collate_refuses_log_probs_that_do_not_match_their_response_even_when_the_totals_agree():
+    a, b = _sample(2, 3, 0), _sample(2, 3, 0)
+    a.rollout_log_probs, b.rollout_log_probs = -torch.ones(4), -torch.ones(2)  # 6 values for 6 tokens, misplaced
+    with pytest.raises(ValueError, match=r"samples \[0, 1\]: rollout_log_probs must hold one value per response"):
+        collate([a, b])
+
+
+def test_collate_places_each_log_prob_on_its_own_token_with_an_empty_response_in_between():
+    a, empty, c = _sample(3, 2, 0), _sample(4, 0, 0), _sample(1, 5, 1)
+    batch = collate([a, empty, c])
+    assert batch.loss_mask[1].sum() == 0 and batch.tokens[1].tolist() == [1, 2, 3, 4, 0, 0]
+    assert batch.rollout_log_probs[0].tolist() == [0, 0, 0, -1, -2, 0]
+    assert batch.rollout_log_probs[2].tolist() == [0, -1, -2, -3, -4, -5]

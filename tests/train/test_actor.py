@@ -66,6 +66,27 @@ def test_micro_batch_size_does_not_change_the_update():
         assert l1 == pytest.approx(l4, rel=1e-5, abs=1e-6) and g1 == pytest.approx(g4, rel=1e-5)
 
 
+@pytest.mark.parametrize("loss", [{"name": "vespo"}, {"name": "gepo"}])
+def test_one_micro_batch_reports_the_same_metrics_as_a_split_mini_batch(loss, monkeypatch):
+    """With one micro-batch the report reuses the step's own loss metrics instead of recomputing them;
+    every reported number must still be the whole mini-batch's, as with 4 micro-batches (recomputed)."""
+    from megatron_vespo.train import metrics as train_metrics
+
+    reports, recomputed = {}, []
+    real = train_metrics.compute_policy_loss
+    monkeypatch.setattr(train_metrics, "compute_policy_loss", lambda *a, **k: (recomputed.append(1), real(*a, **k))[1])
+    for micro in (4, 1):
+        actor = make_actor({}, loss=loss, train={"micro_batch_size": micro})
+        recomputed.clear()
+        reports[micro] = actor.train_on_rollout(make_batch(actor))[0]
+        assert (len(recomputed) > 0) == (micro == 1), micro  # recomputed only when split
+    one, split = reports[4], reports[1]
+    skip = {k for k in one if k.startswith("time/")} | {"tokens_per_s"}
+    assert set(one) == set(split) and any(k.startswith("loss/") for k in one)
+    for k in sorted(set(one) - skip):
+        assert one[k] == pytest.approx(split[k], rel=1e-5, abs=1e-6), k
+
+
 def test_staleness_update_k_uses_old_log_probs_from_before_update_one():
     actor = make_actor({}, train={"mini_batch_size": 2, "micro_batch_size": 2, "lr": 5e-3})
     batch = make_batch(actor)
