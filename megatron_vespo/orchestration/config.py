@@ -45,9 +45,10 @@ class LoopConfig(Section):
     ray_num_cpus: int = Field(2, ge=1)
     """Async: CPUs of the local Ray started when no cluster is given."""
     overlap_weight_load: Optional[bool] = None
-    """Async, weight_sync.kind=disk, max_policy_lag >= 1: after the (collective) export, rank 0 makes the engines
-    load the new version in a background thread while the trainer pulls and trains the next batch; the load is
-    joined before the next weight update, a held-out evaluation and shutdown (docs/orchestration.md).
+    """Async, max_policy_lag >= 1, weight_sync.kind=disk (or tensor on CPU): after the (collective) export or
+    shared-memory staging, rank 0 makes the engines load the new version in a background thread while the trainer
+    pulls and trains the next batch; the load is joined before the next weight update, a held-out evaluation and
+    shutdown (docs/orchestration.md).
     None (default) = on wherever it applies; false = the trainer waits for the load."""
     eval_every: int = Field(0, ge=0)
     """Held-out evaluation (eval.*) every this many rollouts and at the end; 0 = off."""
