@@ -104,16 +104,21 @@ def overlap_metrics(before: dict, after: dict) -> dict[str, float]:
             "async/samples_generated_during_train": after["samples"] - before["samples"]}
 
 
-def pull_groups(ray: Any, worker: Any, n_groups: int, version: int) -> tuple[list[list[Sample]], dict, dict]:
-    """Rank 0: wait for ``n_groups`` usable groups -> (groups, metrics with ``time/wait_s``, worker stats).
+def pull_groups(ray: Any, worker: Any, n_groups: int, version: int,
+                ahead: Any = None) -> tuple[list[list[Sample]], dict, dict, Optional[int]]:
+    """Rank 0: wait for ``n_groups`` usable groups -> (groups, metrics with ``time/wait_s``, worker stats, batch id).
 
-    The stats come with the groups (one Ray round trip): the start of the overlap interval.
+    ``ahead``: a ``take`` sent before the previous batch trained (its answer is usually there
+    already); when it came back empty the groups are asked for again. Every take holds its
+    batch as pending until the snapshot after its training (``RolloutWorker.snapshot``).
     """
     t0 = last_log = time.perf_counter()
     while True:
-        res = ray.get(worker.take.remote(n_groups, version, POLL_S))
+        res = ray.get(ahead) if ahead is not None else ray.get(worker.take.remote(n_groups, version, POLL_S, True))
+        ahead = None
         if res["groups"]:
-            return res["groups"], {**res["metrics"], "time/wait_s": time.perf_counter() - t0}, res.get("stats", {})
+            return (res["groups"], {**res["metrics"], "time/wait_s": time.perf_counter() - t0}, res.get("stats", {}),
+                    res.get("batch"))
         if time.perf_counter() - last_log > 60:
             last_log = time.perf_counter()
             logger.warning("waited %.0fs for rollout data: %s", last_log - t0, res.get("stats"))
@@ -170,17 +175,19 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                                   pending_prompts=s.data_state.get("pending_prompts", []),
                                   router_state=(s.state or {}).get("router"))
         mlog = s.metrics_logger()
+        ahead = None  # rank 0: the take of the next batch, sent before this one trains (a Ray object ref)
         for it in range(s.start + 1, job.loop.num_rollouts + 1):
             t0 = time.perf_counter()
-            batch, _, local = rank0_then_broadcast(rank0, partial(_pull, ray, worker, n_groups, version, L),
-                                                   f"rollout {it}", actor=s.actor)
-            rm, before = local if local is not None else ({}, {})
+            pull = partial(_pull, ray, worker, n_groups, version, L, ahead=ahead,
+                           ask_ahead=it < job.loop.num_rollouts)
+            batch, _, local = rank0_then_broadcast(rank0, pull, f"rollout {it}", actor=s.actor)
+            rm, before, held, ahead = local if local is not None else ({}, {}, None, None)
             t1 = time.perf_counter()
             updates = s.actor.train_on_rollout(batch)
             t2 = time.perf_counter()
             fault_point("trained", it)  # tests: kill -9 with the updates done, nothing synced or saved
             # rank-0-only Ray calls: a failure is broadcast (below), so no rank waits alone in a collective
-            snap, late_error = run_on_rank0(rank0, partial(_snapshot, ray, worker, before),
+            snap, late_error = run_on_rank0(rank0, partial(_snapshot, ray, worker, before, held),
                                             f"rollout {it}: worker snapshot")
             overlap_m, data_state = snap if snap is not None else ({}, None)
             rm.update(overlap_m)
@@ -224,20 +231,34 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
     return history
 
 
-def _pull(ray: Any, worker: Any, n_groups: int, version: int, max_lag: int) -> tuple[Any, None, tuple]:
-    """Rank 0: the next rollout batch from the worker -> (batch, None, (metrics, worker stats before training))."""
+def _pull(ray: Any, worker: Any, n_groups: int, version: int, max_lag: int, ahead: Any = None,
+          ask_ahead: bool = False) -> tuple[Any, None, tuple]:
+    """Rank 0: the next rollout batch -> (batch, None, (metrics, stats before training, batch id, next take)).
+
+    With ``ask_ahead`` the take of the batch after this one is sent now, for the version this
+    batch's update will produce (``version + 1``): the worker answers while this batch trains,
+    and the next pull mostly finds the answer waiting (the round trip and the wait for the
+    last groups leave the trainer's path). The lag filter is the same as a take after the update,
+    as versions only grow. "Stats before training" are then asked for separately (the held
+    batch left the buffer during the previous update).
+    """
     from megatron_vespo.buffer import collate
 
-    groups, metrics, stats = pull_groups(ray, worker, n_groups, version)
+    from_ahead = ahead is not None
+    groups, metrics, stats, held = pull_groups(ray, worker, n_groups, version, ahead)
     samples = [x for g in groups for x in g]
     metrics.update({**lag_metrics(groups, version, max_lag), **sample_metrics(samples),
                     "async/multi_version_frac": multi_version_frac(samples)})
-    return collate(samples), None, (metrics, stats)
+    nxt = worker.take.remote(n_groups, version + 1, POLL_S, True) if ask_ahead else None
+    before = worker.stats.remote() if from_ahead else stats
+    return collate(samples), None, (metrics, before, held, nxt)
 
 
-def _snapshot(ray: Any, worker: Any, before: dict) -> tuple[dict[str, float], dict]:
-    """Rank 0, right after training: (overlap metrics since ``before``, the worker's data position)."""
-    snap = ray.get(worker.snapshot.remote())
+def _snapshot(ray: Any, worker: Any, before: Any, trained: Optional[int] = None) -> tuple[dict[str, float], dict]:
+    """Rank 0, right after training: (overlap metrics since ``before`` -- worker stats, or a Ray
+    reference to them -- and the worker's data position with batch ``trained`` released)."""
+    snap = ray.get(worker.snapshot.remote(trained))
+    before = before if isinstance(before, dict) else ray.get(before)
     return overlap_metrics(before, snap["stats"]), snap["state"]
 
 

@@ -95,6 +95,10 @@ class RolloutWorker:
                          "stale_samples": 0, "reward_nonfinite": 0}
         self._last_take = time.perf_counter()
         self._last_counters = dict(self.counters)
+        # batches handed out by take(hold=True) and not yet reported trained (snapshot(trained=...)):
+        # their prompts stay pending in state_dict, so a checkpoint taken meanwhile loses none
+        self._held: dict[int, list[int]] = {}
+        self._batch_ids = itertools.count()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> int:
@@ -195,13 +199,15 @@ class RolloutWorker:
         if self._error is not None:
             raise RolloutWorkerError(f"rollout worker failed: {self._error}")
 
-    async def take(self, n_groups: int, current_version: int, timeout_s: float) -> dict[str, Any]:
+    async def take(self, n_groups: int, current_version: int, timeout_s: float, hold: bool = False) -> dict[str, Any]:
         """Wait up to ``timeout_s`` for ``n_groups`` groups with lag <= L at ``current_version``.
 
-        Returns ``{"groups": [...] (empty on timeout), "metrics": {...}, "stats": stats_now()}``; the
-        metrics cover the time since the previous successful take (generation throughput, drops,
-        buffer fill); ``stats`` is the snapshot taken as the batch leaves (the start of the
-        trainer's overlap interval, so it needs no separate ``stats`` call).
+        Returns ``{"groups": [...] (empty on timeout), "metrics": {...}, "stats": stats_now(),
+        "batch": id}``; the metrics cover the time since the previous successful take (generation
+        throughput, drops, buffer fill); ``stats`` is the snapshot taken as the batch leaves.
+        ``current_version`` is the version the batch will be trained at (the trainer may ask for
+        the next batch before its current update ends). With ``hold`` the batch's prompts stay
+        pending in ``state_dict`` until ``snapshot(trained=id)`` reports it trained.
         Raises ``RolloutWorkerError`` when generation failed.
         """
         self._check()
@@ -226,9 +232,13 @@ class RolloutWorker:
             self._check()
         self.counters["stale_samples"] += stale
         if not res.groups:
-            return {"groups": [], "metrics": {}, "stats": self.stats_now()}
+            return {"groups": [], "metrics": {}, "stats": self.stats_now(), "batch": None}
         self._wake.set()  # buffer room freed
-        return {"groups": res.groups, "metrics": self._interval_metrics(fill), "stats": self.stats_now()}
+        batch = next(self._batch_ids)
+        if hold:
+            self._held[batch] = [int(g[0].metadata["prompt_index"]) for g in res.groups]
+        return {"groups": res.groups, "metrics": self._interval_metrics(fill), "stats": self.stats_now(),
+                "batch": batch}
 
     def _interval_metrics(self, fill: int) -> dict[str, float]:
         now, c = time.perf_counter(), self.stats_now()
@@ -263,19 +273,23 @@ class RolloutWorker:
         """``stats_now`` as a coroutine (remote call); never raises (errors surface in ``take``)."""
         return self.stats_now()
 
-    async def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self, trained: Optional[int] = None) -> dict[str, Any]:
         """``{"stats": stats_now(), "state": state_dict()}`` in one call (the trainer's, right after training).
 
+        ``trained``: the id of the held batch (``take(hold=True)``) just trained, released first.
         The data position may be read before the trainer publishes its new version: ``set_version``
         only widens admission and changes no prompt's status, and every prompt of the batch just
         trained left the buffer at ``take``, so the position is a consistent cut either way (prompts
-        handed out later are generated again by a run resumed from it).
+        handed out later, or taken ahead and held, are generated again by a run resumed from it).
         """
+        if trained is not None:
+            self._held.pop(trained, None)
         return {"stats": self.stats_now(), "state": await self.state_dict()}
 
     async def state_dict(self) -> dict[str, Any]:
         """Data set position plus ``pending_prompts``: handed out but not trained on, oldest first."""
-        pending = [int(g[0].metadata["prompt_index"]) for g in self.buffer.groups()]
+        pending = [i for b in sorted(self._held) for i in self._held[b]]
+        pending += [int(g[0].metadata["prompt_index"]) for g in self.buffer.groups()]
         pending += [p.index for p, _ in self._inflight.values()] + [p.index for p in self._retry]
         saver = getattr(self.router, "state_dict", None)  # any object with generate() may route (tests)
         router = saver() if saver is not None else dict(self.router_state)

@@ -262,6 +262,31 @@ def test_state_dict_lists_pending_prompts_and_a_resumed_worker_generates_them_fi
     asyncio.run(go())
 
 
+def test_a_batch_taken_ahead_stays_pending_until_reported_trained():
+    """The trainer asks for batch k+1 before batch k has trained (async_loop._pull); a checkpoint
+    taken in between must still list batch k+1's prompts, or a resumed run would skip them."""
+    async def go():
+        w = _worker(FakeRouter(), b=2, lag=1)
+        await w.start()
+        await _settle()
+        first = await w.take(2, current_version=0, timeout_s=1, hold=True)
+        ahead = await w.take(2, current_version=1, timeout_s=1, hold=True)  # taken during batch 0's update
+        ids = [[g[0].metadata["prompt_index"] for g in r["groups"]] for r in (first, ahead)]
+        assert first["batch"] != ahead["batch"]
+        snap = await w.snapshot(trained=first["batch"])  # after batch 0 trained: batch 1 is not
+        pending = snap["state"]["pending_prompts"]
+        assert pending[:2] == ids[1] and not set(ids[0]) & set(pending)
+        snap = await w.snapshot(trained=ahead["batch"])
+        assert not set(ids[0] + ids[1]) & set(snap["state"]["pending_prompts"])
+        await w.set_version(1)  # admission for two more groups
+        await _settle()
+        plain = await w.take(2, current_version=1, timeout_s=1)  # without hold: gone from the state at once
+        taken = {g[0].metadata["prompt_index"] for g in plain["groups"]}
+        assert taken and not taken & set((await w.state_dict())["pending_prompts"])
+        await w.stop()
+    asyncio.run(go())
+
+
 def test_generation_error_reaches_the_trainer():
     async def go():
         router = FakeRouter()

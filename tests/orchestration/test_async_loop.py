@@ -123,12 +123,16 @@ def test_async_run_overlaps_bounds_lag_learns_and_resumes(tmp_path):
     assert state["policy_version"] == ROLLOUTS and isinstance(state["data"]["pending_prompts"], list)
     assert len(state["data"]["pending_prompts"]) <= 2 * 8 + 8  # buffer + in flight (groups)
 
+    # resumed with the other deferred path: weights staged in shared memory, /update_weights_from_tensor
+    # in the background (weight_sync/staging.py, orchestration/weight_load.py)
     rows = _train(out, f"loop.num_rollouts={ROLLOUTS + 2}", "loop.pause_mode=in_place",
-                  f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=8")
+                  f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=8", "weight_sync.kind=tensor")
     per = [r for r in rows if "rollout" in r]
     assert [int(r["rollout"]) for r in per] == list(range(1, ROLLOUTS + 3))  # resumed after ROLLOUTS, appended
     assert per[-1]["policy_version"] == float(ROLLOUTS + 2)
     _check_lag(per[ROLLOUTS:], 1)
+    assert all(r["weight_sync/export_s"] > 0 for r in per[ROLLOUTS:])  # the staging, on the trainer's path
+    assert per[-1]["weight_sync/buckets"] >= 1  # the previous version's transfer, joined at this update
 
 
 @pytest.mark.e2e

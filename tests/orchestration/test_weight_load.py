@@ -108,7 +108,7 @@ class FakeWorker:
 
     def __init__(self, log):
         self.log = log
-        self.snapshot = _Remote(lambda: {"stats": {"clock_s": 1.0, "samples": 0, "engine_busy_s": []},
+        self.snapshot = _Remote(lambda trained=None: {"stats": {"clock_s": 1.0, "samples": 0, "engine_busy_s": []},
                                          "state": {"epoch": 0, "offset": 0, "pending_prompts": []}})
         self.set_version = _Remote(lambda v: self.log.append(("set_version", v)))
         self.stop = _Remote(lambda: self.log.append(("worker stop",)))
@@ -257,8 +257,9 @@ def _run(monkeypatch, tmp_path, *, lag=1, rollouts=3, fail_at=None, interrupt_at
         trained[v] = threading.Event()
     fake = FakeSetup(job, tmp_path, log, engines, interrupt_at=interrupt_at, eval_at=eval_at)
 
-    def pull(ray, worker, n, version, max_lag):
-        return version + 1, None, ({"time/wait_s": 0.0}, {"clock_s": 0.0, "samples": 0, "engine_busy_s": []})
+    def pull(ray, worker, n, version, max_lag, ahead=None, ask_ahead=False):
+        return version + 1, None, ({"time/wait_s": 0.0}, {"clock_s": 0.0, "samples": 0, "engine_busy_s": []}, None,
+                                   None)
 
     def broadcast(rank0, fn, what, actor=None, error=None):
         if error is not None:
