@@ -214,8 +214,8 @@ def deferred_tensor_update(setup: LoopSetup, engines: Optional[Engines], version
 
     The tensor path's counterpart of :func:`deferred_disk_update`: on the trainer's path every
     rank copies its buckets into persistent shared-memory buffers (``weight_sync/staging.py``,
-    one copy of the weights, no file); the background job is weight-update window -> pause ->
-    ``/update_weights_from_tensor`` per bucket -> continue -> window closed, then ``then()``.
+    one copy of the weights, no file); the background job is pause -> weight-update window ->
+    ``/update_weights_from_tensor`` per bucket -> window closed -> continue, then ``then()``.
     The buffers are rewritten only by the next staging, which comes after ``loader.join()``.
     Returns the staging's metrics (``weight_sync/export_s``); the load's come from the join.
     """
@@ -224,7 +224,7 @@ def deferred_tensor_update(setup: LoopSetup, engines: Optional[Engines], version
     staged = setup.sync.stage(setup.actor.model, engines)
     if engines is not None:
         def load() -> dict[str, float]:
-            metrics = setup.sync.send(staged, version, engines, pause_mode=pause_mode)  # paused inside the window
+            metrics = setup.sync.send(staged, version, engines, pause_mode=pause_mode)  # paused around the window
             if then is not None:
                 then()
             return metrics

@@ -98,17 +98,12 @@ class TensorEngineSync(EngineWeightSync):
 
     def send(self, staged: Any, version: int, engines: Engines, pause_mode: Optional[str] = None) -> dict[str, float]:
         """Rank 0: the engines load the staged buckets as ``version`` (no collectives); with ``pause_mode``
-        generation is paused (that mode) around the transfer and continued after it."""
-        router = engines.router
-
-        def pause() -> None:
-            engines.run(router.pause_generation(pause_mode))
-
-        def resume() -> None:
-            engines.run(router.continue_generation())
-        paused = pause_mode is not None
-        return self.sync.send(staged, version, router.clients, engines.run, pause=pause if paused else None,
-                              resume=resume if paused else None)
+        generation is paused (that mode) around the weight-update window and continued after it."""
+        router, pause, resume = engines.router, None, None
+        if pause_mode is not None:
+            pause = lambda: engines.run(router.pause_generation(pause_mode))  # noqa: E731
+            resume = lambda: engines.run(router.continue_generation())  # noqa: E731
+        return self.sync.send(staged, version, router.clients, engines.run, pause=pause, resume=resume)
 
 
 def build_weight_sync(kind: str, *, root: str | Path, hf_cfg: Any, cfg: Optional[WeightSyncConfig] = None,

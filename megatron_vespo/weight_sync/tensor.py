@@ -221,39 +221,39 @@ class TensorWeightSync:
              ) -> dict[str, float]:
         """Rank 0: post the staged buckets (the last one carries ``version``) inside a weight-update window.
 
-        ``pause`` / ``resume`` (optional) run just around the posts, inside the window: the
-        engines generate while the window opens and closes (the window pauses nothing in SGLang),
-        so they stop only for the transfer itself (``time/engines_paused_s``). Raises
-        RuntimeError naming the engine's refusal; ``resume`` runs and the window is closed on
-        every path.
+        Order, as slime / miles run a session (pause -> begin -> transfer -> end -> resume):
+        ``pause`` (optional) before the window opens and ``resume`` after it closed. SGLang's
+        ``begin_weight_update`` restores in-place-packed weights to a loadable layout and
+        ``end_weight_update`` post-processes them (``ModelRunner.begin/end_weight_update``), so
+        the engines must not generate while the window is open. Raises RuntimeError naming the
+        engine's refusal; the window is closed and ``resume`` runs on every path.
         """
         if staged.payloads is None:
             raise ValueError("TensorWeightSync.send runs on training rank 0 (the one that holds the payloads)")
         t0 = time.perf_counter()
-        opened, error = self._windows(clients, run, "begin", [True] * len(clients))
-        if error is not None:
-            raise RuntimeError(error)
-        paused_s = 0.0
+        if pause is not None:
+            pause()
         try:
-            t1 = time.perf_counter()
-            if pause is not None:
-                pause()
+            opened, error = self._windows(clients, run, "begin", [True] * len(clients))
+            if error is not None:
+                raise RuntimeError(error)
             try:
                 for i, payloads in enumerate(staged.payloads):
                     error = self._post(clients, run, payloads, version, i == len(staged.payloads) - 1)
                     if error is not None:
                         raise RuntimeError(f"update_weights_from_tensor failed: {error}")
             finally:
-                if resume is not None:
-                    resume()
-                paused_s = time.perf_counter() - t1
+                if any(opened):
+                    _, end_error = self._windows(clients, run, "end", opened)
+                    if end_error is not None:
+                        logger.error("%s", end_error)
         finally:
-            if any(opened):
-                _, end_error = self._windows(clients, run, "end", opened)
-                if end_error is not None:
-                    logger.error("%s", end_error)
-        return {"weight_sync/load_s": time.perf_counter() - t0, "weight_sync/bytes": float(staged.nbytes),
-                "weight_sync/buckets": float(len(staged.payloads)), "time/engines_paused_s": paused_s}
+            if resume is not None:
+                resume()
+        elapsed = time.perf_counter() - t0
+        return {"weight_sync/load_s": elapsed, "weight_sync/bytes": float(staged.nbytes),
+                "weight_sync/buckets": float(len(staged.payloads)),
+                "time/engines_paused_s": elapsed if pause is not None else 0.0}
 
     def _payloads(self, index: int, bucket: list, rank: int, world: int) -> tuple[Optional[list[str]], dict]:
         """Collective: this rank's flattened bucket ``index`` -> (every rank's payload on rank 0, else None; the data).

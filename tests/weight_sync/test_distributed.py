@@ -131,7 +131,13 @@ def _one_rank(rank, world):
         ref6 = export_hf_state_dict(model, hf_cfg)
         staged = tensor.stage(model, clients=[client], run=run)
         out["mismatch_staged_unsent"] = len(mismatches(handle.engine, ref6))  # staging alone changes nothing
-        out["send"] = tensor.send(staged, 8, [client], run)
+        order = []  # pause before the window opens, continue after it closed (slime / miles order)
+        out["send"] = tensor.send(
+            staged, 8, [client], run,
+            pause=lambda: order.append(("pause", handle.engine.weight_window.is_open, run(client.pause_generation()))),
+            resume=lambda: order.append(("continue", handle.engine.weight_window.is_open,
+                                         run(client.continue_generation()))))
+        out["send_order"] = [(what, was_open) for what, was_open, _ in order]
         out["mismatch_tensor3"] = mismatches(handle.engine, ref6)
         out["version_tensor3"] = run(client.weight_version())
         out["tensor_allocations"] = (allocated, tensor.staging.allocations, out["tensor"]["weight_sync/buckets"])
@@ -199,6 +205,8 @@ def test_tensor_path_reuses_its_shared_memory_buffers_and_the_engine_sees_each_n
     assert r["mismatch_staged_unsent"] > 0  # the engine changed only when the staged buckets were sent
     assert r["version_tensor3"] == "8" and not r["tensor_window_open_after_send"]
     assert r["send"]["weight_sync/buckets"] == buckets and r["send"]["weight_sync/bytes"] > 0
+    assert r["send_order"] == [("pause", False), ("continue", False)]  # the window lay inside the pause
+    assert r["send"]["time/engines_paused_s"] == r["send"]["weight_sync/load_s"] > 0
 
 
 def _two_ranks(rank, world):

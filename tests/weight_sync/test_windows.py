@@ -109,3 +109,5 @@ def test_embedded_window_follows_sglang_messages():
     assert w.begin() == (True, "Success") and w.refusal("x") is None
     assert w.begin() == (False, "a weight-update session is already open; call end_weight_update() first")
     assert w.end() == (True, "Success") and not w.is_open
+    ok, msg = w.begin(generating=True)  # a batch decoding unpaused would run on weights in a loading layout
+    assert not ok and "pause_generation() before begin_weight_update()" in msg and not w.is_open

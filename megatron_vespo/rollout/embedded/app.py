@@ -194,7 +194,8 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     @app.post("/begin_weight_update")
     async def begin_weight_update(request: Request):
         raw = await body_of(request)
-        return answer(*window.begin(validate(BeginWeightUpdateIn, {} if raw is None else raw).selector))
+        selector = validate(BeginWeightUpdateIn, {} if raw is None else raw).selector
+        return answer(*window.begin(selector, generating=engine.busy and not engine.paused))
 
     @app.post("/end_weight_update")
     async def end_weight_update():

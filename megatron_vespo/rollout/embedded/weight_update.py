@@ -259,10 +259,20 @@ class WeightUpdateWindow:
         self.selector: Optional[str] = None
         self.opened = 0  # windows opened so far (tests read it)
 
-    def begin(self, selector: Any = "all") -> tuple[bool, str]:
-        """Open the window (``selector`` target | draft | all, as SGLang validates it)."""
+    def begin(self, selector: Any = "all", generating: bool = False) -> tuple[bool, str]:
+        """Open the window (``selector`` target | draft | all, as SGLang validates it).
+
+        ``generating``: the engine is running a batch and generation is not paused. SGLang does
+        not check this, but its ``ModelRunner.begin_weight_update`` restores in-place-packed
+        weights to a loading layout that only ``end_weight_update`` finalises, so a batch
+        decoded inside the window runs on unfinished weights (slime and miles pause first). This
+        stand-in refuses, so a caller with the wrong order fails here.
+        """
         if selector not in ("target", "draft", "all"):
             return False, f"invalid selector {selector!r}; expected 'target', 'draft', or 'all'"
+        if generating:
+            return False, ("generation is running: call pause_generation() before begin_weight_update() (the "
+                           "weights are not servable between begin and end)")
         with self._lock:
             if self.selector is not None:
                 return False, "a weight-update session is already open; call end_weight_update() first"
