@@ -168,7 +168,13 @@ def _env(trl: bool = False) -> dict:
 
 # ------------------------------------------------------------------ transport share
 def transport_share(task_dir: Path, reps: int, seed: int) -> dict:
-    """The same 64 completions: engine called directly vs one batched /generate over HTTP, interleaved."""
+    """The same 64 completions: engine called directly vs one batched /generate over HTTP.
+
+    Both calls of a pair ask for the same samples (same prompts, same per-row seeds: the router's
+    seed counter is reset), so they do the same compute and the pair's difference is the HTTP
+    path's own cost; the order within a pair alternates. ``share`` = median pair difference /
+    median HTTP call. ``same_samples`` checks that the two paths generated the same tokens.
+    """
     import asyncio
 
     from transformers import AutoTokenizer
@@ -183,7 +189,7 @@ def transport_share(task_dir: Path, reps: int, seed: int) -> dict:
     prompts = [tok.encode(r["prompt"], add_special_tokens=False) for r in rows]
     handle = start_embedded_server(str(task_dir / "sft"), max_batch_size=64)
     engine = handle.engine
-    direct, http = [], []
+    direct, http, same = [], [], []
     loop = asyncio.new_event_loop()
     router = EngineRouter([SGLangClient(handle.url)])
     try:
@@ -192,21 +198,34 @@ def transport_share(task_dir: Path, reps: int, seed: int) -> dict:
             body = {"input_ids": [p for p in prompts for _ in range(8)],
                     "sampling_params": [sampling.to_sglang(seed + 1000 * k + i) for i in range(64)],
                     "return_logprob": True, "logprob_start_len": -1}
-            reqs, _ = engine.parse(body)
-            t0 = time.perf_counter()
-            engine.call_control(lambda reqs=reqs: engine.run_batch(reqs))  # on the worker thread, between batches
-            t1 = time.perf_counter()
-            loop.run_until_complete(router.generate_groups(prompts, sampling, 8))
-            t2 = time.perf_counter()
+
+            def run_direct(body=body) -> tuple[float, list]:
+                reqs, _ = engine.parse(body)
+                t0 = time.perf_counter()
+                engine.call_control(lambda: engine.run_batch(reqs))  # on the worker thread, between batches
+                return time.perf_counter() - t0, [r.output_ids for r in reqs]
+
+            def run_http(sampling=sampling) -> tuple[float, list]:
+                router.load_state_dict({"seed_counter": 0})  # row i gets sampling_seed + i, as the direct body
+                t0 = time.perf_counter()
+                out = loop.run_until_complete(router.generate_groups(prompts, sampling, 8))
+                return time.perf_counter() - t0, [s.response_tokens for s in out]
+
+            if k % 2:
+                (h, h_ids), (d, d_ids) = run_http(), run_direct()
+            else:
+                (d, d_ids), (h, h_ids) = run_direct(), run_http()
             if k:  # the first pair is warm-up
-                direct.append(t1 - t0)
-                http.append(t2 - t1)
+                direct.append(d)
+                http.append(h)
+                same.append(d_ids == h_ids)
     finally:
         loop.run_until_complete(router.aclose())
         loop.close()
         handle.stop()
-    d, h = statistics.median(direct), statistics.median(http)
-    return {"direct_s": direct, "http_s": http, "share": max(h - d, 0.0) / h}
+    diff = statistics.median(h - d for h, d in zip(http, direct))
+    return {"direct_s": direct, "http_s": http, "same_samples": all(same),
+            "share": max(diff, 0.0) / statistics.median(http)}
 
 
 # ------------------------------------------------------------------ CPU compat layer cost
@@ -344,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/bench_pipeline")
     p.add_argument("--trl-venv", default="/work/trl-venv")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {','.join(SYSTEMS)}")
-    p.add_argument("--transport-reps", type=int, default=5)
+    p.add_argument("--transport-reps", type=int, default=30)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--compat-reps", type=int, default=10, help="update pairs for the compat-layer cost (0: skip)")
     p.add_argument("--bracket", action="store_true",

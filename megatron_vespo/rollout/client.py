@@ -17,7 +17,8 @@ import asyncio
 import itertools
 import logging
 import uuid
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -37,9 +38,11 @@ from megatron_vespo.rollout.protocol import (
 from megatron_vespo.rollout.routes import RouteSpec
 from megatron_vespo.rollout.weight_api import WEIGHT_WINDOW_MIN_VERSION, WeightUpdateEndpoints, parse_version  # noqa: F401
 from megatron_vespo.types import Sample
+from megatron_vespo.utils import fastjson
 from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
+_JSON_HEADERS = {"content-type": "application/json"}
 
 
 class SGLangClient(WeightUpdateEndpoints):
@@ -117,7 +120,11 @@ class SGLangClient(WeightUpdateEndpoints):
                 await asyncio.sleep(delay)
             try:
                 async with self._sem:
-                    resp = await self._http.request(method, url, json=json)
+                    if json is None:
+                        resp = await self._http.request(method, url)
+                    else:  # orjson when installed (utils/fastjson.py); httpx's json= uses json.dumps
+                        resp = await self._http.request(method, url, content=fastjson.dumps(json),
+                                                        headers=_JSON_HEADERS)
             except self._httpx.TimeoutException as exc:
                 raise EngineTimeoutError(f"{method} {url} timed out after {self.timeout_s}s "
                                          f"({type(exc).__name__}); is the engine overloaded or hung?") from exc
@@ -132,7 +139,7 @@ class SGLangClient(WeightUpdateEndpoints):
                 raise EngineHTTPError(f"{method} {url} -> HTTP {resp.status_code}: {resp.text[:500]}",
                                       resp.status_code, resp.text)
             if "json" in resp.headers.get("content-type", ""):
-                return resp.json()
+                return fastjson.loads(resp.content)
             return resp.text
         assert last is not None
         raise last

@@ -33,6 +33,7 @@ from megatron_vespo.rollout.embedded.schema import (
     validate,
 )
 from megatron_vespo.rollout.embedded.weight_update import WeightUpdateWindow, deserialize_named_tensors
+from megatron_vespo.utils import fastjson
 from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,10 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
             return error(str(exc))
         done = await run(reqs, request, complete=batched)  # a batch body is a whole batch: no batching wait
         decode = engine.decode if engine.tokenizer is not None else None
-        outs = [render_response(r, engine.weight_version, decode) for r in done]
-        return JSONResponse(outs if batched else outs[0])
+        texts = engine.decode_batch([r.output_ids for r in done]) if decode is not None else [None] * len(done)
+        outs = [render_response(r, engine.weight_version, decode, text) for r, text in zip(done, texts)]
+        # orjson bytes, as SGLang's ORJSONResponse (utils/fastjson.py: ~10x faster than json here)
+        return Response(fastjson.dumps(outs if batched else outs[0]), media_type="application/json")
 
     @app.get("/health")
     async def health():

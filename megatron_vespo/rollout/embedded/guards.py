@@ -25,11 +25,11 @@ async def abort_on_disconnect(engine: Any, request: Any, reqs: list, interval_s:
 
     Without it a disconnected client keeps its request generating to ``max_new_tokens``.
     """
-    while not all(r.done.is_set() for r in reqs):
+    while not all(r.is_done for r in reqs):
         if await request.is_disconnected():
             logger.info("client disconnected: aborting %d request(s)", len(reqs))
             for r in reqs:
-                if not r.done.is_set():
+                if not r.is_done:
                     engine.abort(r.rid, message="client disconnected")
             return
         await asyncio.sleep(interval_s)

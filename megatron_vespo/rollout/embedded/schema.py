@@ -32,6 +32,8 @@ from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from megatron_vespo.utils import fastjson
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -199,10 +201,10 @@ def error_message(exc: ValidationError, limit: int = 3) -> str:
 
 def parse_body(raw: bytes | str | None) -> Any:
     """JSON body -> Python object (an empty body is ``{}``); RequestError when it is not JSON."""
-    if raw is None or not str(raw if isinstance(raw, str) else raw.decode("utf-8", "replace")).strip():
+    if raw is None or not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        return fastjson.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"request body is not valid JSON: {exc}") from None
 
