@@ -30,13 +30,14 @@ def _loadavg() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
-def run_once(task: Path, out: Path, setting: list[str], rollouts: int, warmup: int, seed: int) -> dict:
+def run_once(task: Path, out: Path, setting: list[str], rollouts: int, warmup: int, seed: int,
+             config: str = "cpu_addition_async.yaml") -> dict:
     """One training run with the ``KEY=VALUE`` overrides of ``setting``; returns completions/s, per-phase
     means (ms) and the load average around it."""
     sets = {"model.hf_path": task / "sft", "data.path": task / "train.jsonl", "loop.num_rollouts": warmup + rollouts,
             "loop.output_dir": out, "rollout.sampling.sampling_seed": seed,
             **dict(kv.split("=", 1) for kv in setting)}
-    cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", str(REPO / "examples/configs/cpu_addition_async.yaml")]
+    cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", str(REPO / "examples/configs" / config)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -51,7 +52,7 @@ def run_once(task: Path, out: Path, setting: list[str], rollouts: int, warmup: i
     its = [r["time/iteration_s"] for r in summ]
     res = {"completions_per_s": COMPLETIONS * len(its) / sum(its), "iteration_ms": 1e3 * statistics.mean(its)}
     res.update({k: 1e3 * statistics.mean(r.get(key, 0.0) for r in summ) for k, key in PHASES.items()})
-    res["lag_max"] = max(r["async/lag_max"] for r in summ)
+    res["lag_max"] = max(r.get("async/lag_max", 0) for r in summ)
     res["loadavg"] = f"{before}->{_loadavg()}"
     return res
 
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rollouts", type=int, default=10, help="timed rollouts per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed rollouts first")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--config", default="cpu_addition_async.yaml", help="job YAML in examples/configs (e.g. "
+                   "cpu_addition_sync.yaml for an A/B of the sync loop)")
     p.add_argument("--a", action="append", metavar="KEY=VALUE", help="setting A (default: overlap on)")
     p.add_argument("--b", action="append", metavar="KEY=VALUE", help="setting B (default: overlap off)")
     args = p.parse_args(argv)
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {"A": [], "B": []}
     for rnd in range(args.rounds):
         for name in (("A", "B") if rnd % 2 == 0 else ("B", "A")):
-            res = run_once(task, out / f"r{rnd}_{name}", settings[name], args.rollouts, args.warmup, args.seed + rnd)
+            res = run_once(task, out / f"r{rnd}_{name}", settings[name], args.rollouts, args.warmup, args.seed + rnd,
+                           args.config)
             results[name].append(res)
             print(f"round {rnd + 1} {name} ({' '.join(settings[name])}): "
                   + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),

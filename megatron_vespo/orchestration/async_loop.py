@@ -193,6 +193,8 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             rm.update(overlap_m)
             version += 1
             sm = loader.join()  # collective: the previous version's background load (and its error)
+            # loop.freeze_gc, once: here, where no background job holds the engines' event loop
+            s.after_first_iteration(it, engines, worker)
             if overlap:
                 sm.update(deferred_update(s, engines, version, job.loop.pause_mode, loader,
                                           then=partial(_set_version, ray, worker, version)))
@@ -221,6 +223,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             s.save(it, version, data_state, router_state)
         loader.join()  # the last load: its error fails the run on every rank
     finally:
+        s.gc_pauses.remove()
         if mlog is not None:
             mlog.close()
         try:  # before anything else touches the engines' event loop

@@ -50,5 +50,10 @@ class LoopConfig(Section):
     pulls and trains the next batch; the load is joined before the next weight update, a held-out evaluation and
     shutdown (docs/orchestration.md).
     None (default) = on wherever it applies; false = the trainer waits for the load."""
+    freeze_gc: bool = True
+    """After the first rollout (the warm-up), collect garbage once and freeze Python's start-up heap (gc.freeze) in
+    the trainer, the engines (SGLang's /freeze_gc) and the async rollout worker, so later collections skip the
+    ~500k objects of megatron/torch/transformers: a full collection of them stalled a CPU run for ~0.4 s every
+    ~10 iterations (utils/gc_control.py). ``time/gc_s`` reports the collector's time per iteration either way."""
     eval_every: int = Field(0, ge=0)
     """Held-out evaluation (eval.*) every this many rollouts and at the end; 0 = off."""

@@ -254,6 +254,12 @@ class RolloutWorker:
                 "async/buffer_groups": float(fill), "async/buffer_fill": fill / self.buffer.capacity,
                 "async/inflight_groups": float(len(self._inflight))}
 
+    async def freeze_gc(self) -> dict[str, int]:
+        """Freeze this process's start-up heap (``utils/gc_control.freeze_gc``; the loop asks after its warm-up)."""
+        from megatron_vespo.utils.gc_control import freeze_gc
+
+        return freeze_gc("the rollout worker")
+
     async def set_version(self, version: int) -> None:
         """The trainer synced ``version`` to the engines: admission budget grows by one batch."""
         self.version = int(version)

@@ -18,7 +18,7 @@ fail cheaply, so a config error never leaves an engine behind.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
@@ -26,6 +26,7 @@ import torch
 
 from megatron_vespo.config.base import ConfigError, dump_config
 from megatron_vespo.config.job import JobConfig
+from megatron_vespo.utils.gc_control import GcPauses, freeze_gc
 from megatron_vespo.utils.interrupt import raise_if_interrupted
 from megatron_vespo.utils.io import atomic_path
 
@@ -123,6 +124,32 @@ class LoopSetup:
     serve_path: str
     rank0: bool
     evaluator: Optional[LoopEvaluator] = None
+    gc_pauses: GcPauses = field(default_factory=lambda: GcPauses().install())
+
+    def after_first_iteration(self, it: int, engines: Optional[RolloutEngines], worker: Any = None) -> None:
+        """At the end of this process's first iteration (the warm-up), with ``loop.freeze_gc``: freeze
+        the start-up heap here, in the engines (``/freeze_gc``, rank 0) and in the async rollout worker.
+
+        An engine without the endpoint (an older SGLang) is logged and skipped: freezing is an
+        optimisation, never a reason to stop the run.
+        """
+        if it != self.start + 1 or not self.job.loop.freeze_gc:
+            return
+        freeze_gc("the trainer")
+        if not self.rank0:
+            return
+        if worker is not None:
+            try:
+                import ray
+
+                ray.get(worker.freeze_gc.remote())
+            except Exception as exc:  # noqa: BLE001 - an optimisation: log and go on
+                logger.warning("rollout worker could not freeze its garbage collector: %s", exc)
+        if engines is not None:
+            try:
+                engines.run(engines.router.broadcast(lambda c: c.freeze_gc()))
+            except Exception as exc:  # noqa: BLE001 - e.g. an SGLang without /freeze_gc
+                logger.warning("engines could not freeze their garbage collector: %s", exc)
 
     @property
     def data_state(self) -> dict:
@@ -166,7 +193,7 @@ class LoopSetup:
         staleness = self.job.train.staleness
         for k, m in enumerate(updates):
             mlog.log(m, step=(it - 1) * staleness + k + 1)
-        summary = {"rollout": float(it), "policy_version": float(version), **metrics,
+        summary = {"rollout": float(it), "policy_version": float(version), **metrics, **self.gc_pauses.take(),
                    "time/train_s": train_s, "time/iteration_s": iteration_s,
                    "train/loss_last": updates[-1].get("loss", float("nan")),
                    "train/grad_norm_last": updates[-1].get("grad_norm", float("nan"))}

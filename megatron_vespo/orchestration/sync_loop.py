@@ -67,7 +67,9 @@ def run_sync(job: JobConfig) -> list[dict[str, float]]:
                             summary.get("rollout/reward_mean", float("nan")), summary["train/loss_last"],
                             summary["time/iteration_s"])
             s.save(it, version, dataset.state_dict(), engines.router.state_dict() if rank0 else None)
+            s.after_first_iteration(it, engines)  # loop.freeze_gc
     finally:
+        s.gc_pauses.remove()
         mlog.close()
         sync.close(engines)
         if engines is not None:

@@ -298,6 +298,11 @@ class SGLangClient(WeightUpdateEndpoints):
             raise ValueError(f"pause mode must be abort, retract or in_place, got {mode!r}")
         await self.request("POST", "/pause_generation", json={"mode": mode})
 
+    async def freeze_gc(self) -> None:
+        """``POST /freeze_gc``: the server freezes its garbage collector's heap (SGLang's endpoint; an
+        older server without it answers 404, raised as ``EngineHTTPError``)."""
+        await self.request("POST", "/freeze_gc", retry=False)
+
     async def continue_generation(self) -> None:
         """Resume after ``pause_generation``."""
         await self.request("POST", "/continue_generation", json={})

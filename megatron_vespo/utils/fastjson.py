@@ -4,7 +4,8 @@ Why a helper and not ``json``: a batched ``/generate`` answer for 64 rows is ~35
 log-prob lists, and on CPU the standard encoder took 1.0-1.4 ms to write it and 0.4-0.8 ms to
 read it back, a tenth of the HTTP overhead issue 15 measured (docs/performance.md, "HTTP
 transport"). orjson does both in ~0.1 ms. SGLang's own server answers with ``ORJSONResponse``
-(python/sglang/srt/entrypoints/http_server.py, 0.5.23), so the bytes our embedded server writes
+and runs on uvloop (python/sglang/srt/entrypoints/http_server.py, read at sgl-project/sglang
+0025436), so the bytes our embedded server writes
 are what a real server writes, including one rule: orjson writes a NaN or infinity as ``null``
 where ``json.dumps`` would write the non-JSON token ``NaN``.
 

@@ -73,6 +73,7 @@ def _train(out: Path, *overrides: str) -> list[dict]:
     tag = uuid.uuid4().hex
     proc = subprocess.run(_cmd(out, *overrides), capture_output=True, text=True, timeout=600, cwd=out.parent,
                           env=_env(tag))
+    (out.parent / f"{out.name}.stderr.log").write_text(proc.stderr)  # tests read the run's log here
     try:
         assert proc.returncode == 0, proc.stderr[-4000:]
     finally:
@@ -122,6 +123,11 @@ def test_async_run_overlaps_bounds_lag_learns_and_resumes(tmp_path):
     state = json.loads((ckpt / f"iter_{ROLLOUTS:07d}" / "trainer_state.json").read_text())
     assert state["policy_version"] == ROLLOUTS and isinstance(state["data"]["pending_prompts"], list)
     assert len(state["data"]["pending_prompts"]) <= 2 * 8 + 8  # buffer + in flight (groups)
+    # loop.freeze_gc: trainer, engine (a process of its own: its log) and worker froze their heaps once
+    log = (tmp_path / "run.stderr.log").read_text()
+    assert log.count("froze the garbage collector's heap in the trainer") == 1 and "could not freeze" not in log
+    engine_log = "".join(p.read_text() for p in (out / "rollout_logs").glob("*.log"))
+    assert engine_log.count("froze the garbage collector's heap in the embedded server") == 1
 
     # resumed with the other deferred path: weights staged in shared memory, /update_weights_from_tensor
     # in the background (weight_sync/staging.py, orchestration/weight_load.py)

@@ -21,6 +21,7 @@ def _train(out: Path, *overrides: str, config: Path = TINY) -> list[dict]:
     cmd = [sys.executable, "-m", "megatron_vespo.cli", "train", str(config), "--set", f"loop.output_dir={out}",
            *[a for o in overrides for a in ("--set", o)]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out.parent)
+    (out.parent / f"{out.name}.stderr.log").write_text(proc.stderr)  # tests read the run's log here
     assert proc.returncode == 0, proc.stderr[-4000:]
     return read_metrics(out / "metrics.jsonl")
 
@@ -61,6 +62,14 @@ def test_r3_rollout_routes_reach_the_trainer(tmp_path):
     first = updates[0]
     assert first["loss/vespo/w_mean"] != 1.0
     assert abs(first["loss/vespo/log_w_mean"]) < 1e-3, first
+    # loop.freeze_gc (default): after the first rollout the trainer froze its heap, and so did the
+    # engine when asked over /freeze_gc (thread mode: the same process, its own log line); the
+    # collector's time is reported per rollout
+    log = (tmp_path / "r3.stderr.log").read_text()
+    assert log.count("froze the garbage collector's heap in the trainer") == 1, log[-3000:]
+    assert log.count("froze the garbage collector's heap in the embedded server") == 1, log[-3000:]
+    assert "could not freeze" not in log
+    assert all(r["time/gc_s"] >= 0 and r["time/gc_max_s"] <= r["time/gc_s"] for r in _rollout_rows(rows))
 
 
 def test_checkpoint_resume_continues_the_run(tmp_path):

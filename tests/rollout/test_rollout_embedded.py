@@ -267,3 +267,22 @@ def test_process_mode_and_cli(tmp_path):
     finally:
         handle.stop()
     assert not handle.process.alive()
+
+
+def test_freeze_gc_endpoint_answers_as_sglang(server):
+    """``/freeze_gc`` (SGLang's endpoint, GET or POST): the server freezes its heap (thread mode: this process)."""
+    import gc
+
+    async def go():
+        async with SGLangClient(server.url) as c:
+            await c.freeze_gc()
+            async with httpx.AsyncClient() as h:
+                return await h.get(server.url + "/freeze_gc")
+
+    try:
+        gc.unfreeze()
+        resp = asyncio.run(go())
+        assert resp.status_code == 200 and resp.text == "Garbage collection frozen.\n"
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -6,6 +6,7 @@ Endpoints, as SGLang's (``entrypoints/http_server.py``, sglang 0.5.23): ``/gener
 ``/health``, ``/health_generate``, ``/model_info`` (+ ``/get_model_info``), ``/server_info`` (+
 ``/get_server_info``), ``/flush_cache``, ``/update_weights_from_disk``,
 ``/update_weight_version``, ``/pause_generation``, ``/continue_generation``, ``/abort_request``,
+``/freeze_gc``,
 the update windows and the in-memory weight paths (``weight_update.py``). Bodies are validated
 by ``schema.py`` (400 naming the field).
 """
@@ -34,6 +35,7 @@ from megatron_vespo.rollout.embedded.schema import (
 )
 from megatron_vespo.rollout.embedded.weight_update import WeightUpdateWindow, deserialize_named_tensors
 from megatron_vespo.utils import fastjson
+from megatron_vespo.utils.gc_control import freeze_gc
 from megatron_vespo.utils.imports import require
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,11 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
         outs = [render_response(r, engine.weight_version, decode, text) for r, text in zip(done, texts)]
         # orjson bytes, as SGLang's ORJSONResponse (utils/fastjson.py: ~10x faster than json here)
         return Response(fastjson.dumps(outs if batched else outs[0]), media_type="application/json")
+
+    @app.api_route("/freeze_gc", methods=["GET", "POST"])
+    def freeze_gc_route():  # sync: FastAPI runs it in a thread, off the event loop (a collection takes ~0.1-0.5 s)
+        freeze_gc(f"the embedded server ({engine.model_path})")
+        return PlainTextResponse("Garbage collection frozen.\n")  # SGLang's answer
 
     @app.get("/health")
     async def health():
