@@ -432,7 +432,8 @@ def _versions(results: dict) -> dict:
     import torch
 
     v = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("megatron.core", "transformers", "httpx", "uvicorn", "fastapi", "math_verify"):
+    for mod in ("megatron.core", "transformers", "httpx", "uvicorn", "fastapi", "uvloop", "httptools", "orjson",
+                "math_verify"):
         try:
             m = __import__(mod, fromlist=["x"])
             v[mod] = getattr(m, "__version__", "?")
