@@ -173,7 +173,7 @@ class EmbeddedEngine(BatchDecoding):
     def decode_batch(self, rows: list[list[int]]) -> list[str]:
         """``decode`` of each row. A fast tokenizer that adds no clean-up decodes the batch in one
         Rust call (5x faster than a ``decode`` per row on 64 rows, issue 15); its text is the same
-        (``tests/rollout/test_rollout_embedded.py`` checks it against ``decode``)."""
+        (``tests/rollout/test_wire_speedups.py`` checks it against ``decode``)."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
             return backend.decode_batch(rows, skip_special_tokens=True)

@@ -25,8 +25,8 @@ _TOP_FIELDS = {"rid", "text", "input_ids", "sampling_params", "return_logprob", 
                "top_logprobs_num", "log_metrics"}
 _SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "ignore_eos",
                     "sampling_seed", "n", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"}
-# Fields whose SGLang default we accept: they do not change what is sampled.
 _EVENT_LOCK = threading.Lock()  # GenRequest.done is made lazily, by whichever thread asks first
+# Fields whose SGLang default we accept: they do not change what is sampled.
 _DEFAULTS = {"min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
              "min_new_tokens": 0}
 
