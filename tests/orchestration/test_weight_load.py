@@ -23,6 +23,7 @@ from megatron_vespo.orchestration.rollout_worker import RolloutWorker
 from megatron_vespo.orchestration.weight_load import BackgroundLoad, overlap_weight_load
 from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.types import Sample, SampleStatus
+from megatron_vespo.utils.gc_control import GcPauses
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "configs" / "tiny_cpu_vespo.yaml"
@@ -192,6 +193,7 @@ class FakeSetup:
         self.job, self.log, self.engines, self.interrupt_at = job, log, engines, interrupt_at
         self.rank0, self.version, self.start, self.state, self.data_state = True, 0, 0, None, {}
         self.dataset = None
+        self.gc_pauses = GcPauses().install()  # the loop reads time/gc_s from it and removes it at the end
         self.sync = type("Sync", (), {"disk": FakeDisk(tmp_path / "weights"), "close": lambda self, e: None})()
         self.sync.update = self._sync_update  # the synchronous path (update_engines)
         self.sync.stage, self.sync.send = self._stage, self._send  # weight_sync.kind=tensor
@@ -218,6 +220,9 @@ class FakeSetup:
                 return {}
 
         self.actor, self.evaluator = Actor(), Evaluator()
+
+    def after_first_iteration(self, it, engines, worker=None):  # loop.freeze_gc: recorded, never run here
+        self.log.append(("after_first_iteration", it))
 
     def _sync_update(self, model, version, view):
         path = self.sync.disk.export(model, version)
@@ -294,6 +299,11 @@ def test_the_trainer_trains_the_next_batch_while_the_engines_load(monkeypatch, t
     rows = [e[2] for e in log if e[0] == "row"]
     assert all("time/weight_load_wait_s" in r and "weight_sync/export_s" in r for r in rows)
     assert [e for e in log if e[0] == "save"] == [("save", 1, 1), ("save", 2, 2), ("save", 3, 3)]
+    # loop.freeze_gc is offered every iteration (the setup acts only on the first), after the previous
+    # load is joined and before this version's load starts: no background job holds the engines' loop
+    firsts = [e for e in log if e[0] == "after_first_iteration"]
+    assert firsts == [("after_first_iteration", it) for it in (1, 2, 3)], log
+    assert log.index(firsts[0]) < log.index(loads[0]) < log.index(firsts[1]) < log.index(loads[1])
 
 
 def test_the_tensor_path_stages_on_the_trainers_path_and_loads_in_the_background(monkeypatch, tmp_path):
