@@ -82,6 +82,50 @@ def test_malformed_bodies_are_400_naming_the_field(server, path, body, field):
     assert post(server, "/generate", OK).status_code == 200  # and the server still serves
 
 
+# SGLang's native handlers take a FastAPI body model: FastAPI reads the body as JSON only when its
+# content-type says JSON (and, with the default strict_content_type, not when there is none)
+BODY_ENDPOINTS = [("/generate", OK), ("/abort_request", {"rid": "nobody"}), ("/pause_generation", {"mode": "abort"}),
+                  ("/update_weight_version", {"new_version": "v"}), ("/update_weights_from_disk", {"model_path": "/x"}),
+                  ("/update_weights_from_tensor", {"serialized_named_tensors": ["x"]}),
+                  ("/begin_weight_update", {"selector": "all"}), ("/destroy_weights_update_group", {})]
+
+
+@pytest.mark.parametrize("path, body", BODY_ENDPOINTS, ids=[p for p, _ in BODY_ENDPOINTS])
+@pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_not_sent_as_json_is_refused_as_sglang_does(server, path, body, ctype):
+    headers = {} if ctype is None else {"content-type": ctype}
+    r = httpx.post(f"{server.url}{path}", content=json.dumps(body), headers=headers, timeout=60, trust_env=False)
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert "JSON" in r.text and "application/json" in r.text, r.text
+    assert post(server, "/generate", OK).status_code == 200
+
+
+@pytest.mark.parametrize("ctype", ["application/json; charset=utf-8", "Application/JSON", "application/vnd.sgl+json"])
+def test_json_content_types_with_parameters_or_suffixes_are_read(server, ctype):
+    r = httpx.post(f"{server.url}/generate", content=json.dumps(OK), headers={"content-type": ctype}, timeout=60,
+                   trust_env=False)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["output_ids"]) == 2
+
+
+@pytest.mark.parametrize("path", ["/generate", "/abort_request", "/update_weight_version", "/update_weights_from_disk",
+                                  "/update_weights_from_tensor", "/init_weights_update_group"])
+def test_a_missing_body_is_400_where_sglang_requires_one(server, path):
+    r = httpx.post(f"{server.url}{path}", headers={"content-type": "application/json"}, timeout=60, trust_env=False)
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert "required" in r.text, r.text
+
+
+def test_an_empty_body_keeps_the_defaults_where_sglang_has_no_body_model(server):
+    r = httpx.post(f"{server.url}/pause_generation", timeout=60, trust_env=False)
+    try:
+        assert r.status_code == 200, r.text
+        assert server.engine.paused
+    finally:
+        assert httpx.post(f"{server.url}/continue_generation", timeout=60, trust_env=False).status_code == 200
+    assert post(server, "/generate", OK).status_code == 200
+
+
 def test_a_bad_seed_does_not_fail_the_requests_batched_with_it(server):
     good = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True, "sampling_seed": 1}}
     bad = {**good, "sampling_params": {**good["sampling_params"], "sampling_seed": 2**64}}

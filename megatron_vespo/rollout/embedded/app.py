@@ -8,7 +8,8 @@ Endpoints, as SGLang's (``entrypoints/http_server.py``, sglang 0.5.23): ``/gener
 ``/update_weight_version``, ``/pause_generation``, ``/continue_generation``, ``/abort_request``,
 ``/freeze_gc``,
 the update windows and the in-memory weight paths (``weight_update.py``). Bodies are validated
-by ``schema.py`` (400 naming the field).
+by ``schema.py`` (400 naming the field) and must come as ``application/json``, as SGLang's FastAPI
+handlers require (``schema.is_json_content_type``).
 """
 
 import asyncio
@@ -55,11 +56,12 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     def error(msg: str, status: int = 400) -> Any:
         return JSONResponse({"error": {"message": msg}}, status_code=status)
 
-    async def body_of(request: Any) -> Any:
-        return parse_body(await request.body())  # RequestError (-> 400) when not JSON
+    async def body_of(request: Any, required: bool = True) -> Any:
+        # RequestError (-> 400) when not JSON, not sent as JSON, or missing where SGLang requires it
+        return parse_body(await request.body(), request.headers.get("content-type"), required=required)
 
-    async def body_as(request: Any, model: Any) -> Any:
-        return validate(model, await body_of(request))  # RequestError (-> 400) names the field
+    async def body_as(request: Any, model: Any, required: bool = True) -> Any:
+        return validate(model, await body_of(request, required))  # RequestError (-> 400) names the field
 
     async def run(reqs: list, request: Any = None, complete: bool = False) -> list:
         loop = asyncio.get_running_loop()
@@ -187,7 +189,8 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
 
     @app.post("/pause_generation")
     async def pause_generation(request: Request):
-        engine.pause((await body_as(request, PauseIn)).mode)
+        # no body model in sglang 0.5.x before the mode argument: an empty body is the default mode
+        engine.pause((await body_as(request, PauseIn, required=False)).mode)
         return {"message": "Generation paused successfully.", "status": "ok"}
 
     @app.post("/continue_generation")
@@ -203,8 +206,7 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
 
     @app.post("/begin_weight_update")
     async def begin_weight_update(request: Request):
-        raw = await body_of(request)
-        selector = validate(BeginWeightUpdateIn, {} if raw is None else raw).selector
+        selector = validate(BeginWeightUpdateIn, await body_of(request, required=False)).selector
         return answer(*window.begin(selector, generating=engine.busy and not engine.paused))
 
     @app.post("/end_weight_update")

@@ -199,10 +199,33 @@ def error_message(exc: ValidationError, limit: int = 3) -> str:
     return "; ".join(items[:limit]) + more
 
 
-def parse_body(raw: bytes | str | None) -> Any:
-    """JSON body -> Python object (an empty body is ``{}``); RequestError when it is not JSON."""
+# SGLang's native endpoints take their body as a FastAPI body model (``obj: GenerateReqInput``,
+# sglang entrypoints/http_server.py). FastAPI reads a body as JSON only when its content-type is
+# application/json or application/*+json; with current FastAPI's ``strict_content_type`` (default True;
+# fastapi/routing.py, read at 0.165.0) a body without a content-type is not read as JSON either.
+# Anything else reaches the model as bytes and SGLang answers 400, as it does for a missing body.
+def is_json_content_type(value: str | None) -> bool:
+    """True for ``application/json`` and ``application/*+json`` (parameters such as charset allowed)."""
+    if not value:
+        return False
+    media = value.split(";", 1)[0].strip().lower()
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+def parse_body(raw: bytes | str | None, content_type: str | None = "application/json", required: bool = False) -> Any:
+    """JSON body -> Python object; RequestError when it is not JSON, as SGLang's FastAPI refuses it.
+
+    An empty body is ``{}``, or a RequestError when ``required`` (an endpoint whose SGLang handler
+    declares a body model). A non-empty body must come with a JSON ``content_type``.
+    """
     if raw is None or not raw.strip():
+        if required:
+            raise RequestError("request body is required: send a JSON object with content-type application/json")
         return {}
+    if not is_json_content_type(content_type):
+        raise RequestError(f"content-type {content_type!r} is not JSON: SGLang reads a body only when it is sent "
+                           "as application/json")
     try:
         return fastjson.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -210,7 +233,15 @@ def parse_body(raw: bytes | str | None) -> Any:
 
 
 def validate(model: type[M], body: Any) -> M:
-    """``body`` (parsed JSON) as ``model``; RequestError naming the bad fields."""
+    """``body`` (parsed JSON) as ``model``; RequestError naming the bad fields.
+
+    ``None`` (no body) and bytes (a body FastAPI did not read as JSON: see ``is_json_content_type``)
+    are refused with that reason.
+    """
+    if body is None:
+        raise RequestError("request body is required: send a JSON object with content-type application/json")
+    if isinstance(body, (bytes, bytearray)):
+        raise RequestError("request body was not read as JSON: send it with content-type application/json")
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, got {type(body).__name__}")
     try:
