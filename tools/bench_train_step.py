@@ -14,9 +14,10 @@ this process. Prints ms/update, tokens/s and the ratio to HF; ``--json`` writes 
 model trained on a rollout-shaped batch (``--batch`` 64 rows of ``--seq`` 14 tokens, one
 micro-batch, lr 3e-4, VESPO) by the Megatron actor and, alternating with it in the same process,
 by the HF model with the same token-level policy-gradient loss, clipping and AdamW. The actor
-also runs with the CPU speed-ups of issue 15 switched off (megatron's SequentialMLP forward, its
-per-tensor clip-grad fallbacks, foreach instead of fused AdamW) so "before" and "after" are
-measured side by side. The HF step uses fused AdamW, as transformers' Trainer (and so TRL) does.
+also runs with the CPU speed-ups of issue 15 switched off (megatron's SequentialMLP forward and its
+unfused DotProductAttention, its per-tensor clip-grad fallbacks, foreach instead of fused AdamW)
+so "before" and "after" are measured side by side. The HF step uses fused AdamW, as
+transformers' Trainer (and so TRL) does.
 """
 
 from __future__ import annotations
@@ -128,14 +129,18 @@ def _cpu_speedups(actor, on: bool) -> None:
     """Switch the CPU speed-ups of issue 15 on or off (same numerics either way, see their tests)."""
     from megatron.core import utils as mutils
     from megatron.core.optimizer import clip_grads
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.moe.experts import SequentialMLP
 
+    from megatron_vespo.models.cpu_attention import CpuDotProductAttention
     from megatron_vespo.models.cpu_experts import CpuSequentialMLP
     from megatron_vespo.train import optim
 
     for m in actor.model[0].modules():
         if isinstance(m, SequentialMLP):
             m.__class__ = CpuSequentialMLP if on else SequentialMLP
+        elif isinstance(m, DotProductAttention):
+            m.__class__ = CpuDotProductAttention if on else DotProductAttention
     clip_grads.l2_norm_impl = optim.foreach_l2_norm if on else mutils.local_multi_tensor_l2_norm
     clip_grads.multi_tensor_scale_impl = optim.foreach_scale if on else mutils.local_multi_tensor_scale
     for opt in getattr(actor.optimizer, "chained_optimizers", [actor.optimizer]):

@@ -230,9 +230,11 @@ def get_layer_spec(tf_config: Any, use_te: Optional[bool] = None, vp_stage: Opti
     spec = specs.get_gpt_decoder_block_spec(tf_config, use_transformer_engine=use_te,
                                             normalization="RMSNorm", vp_stage=vp_stage)
     if not use_te:  # local spec: the CPU experts skip Megatron's per-expert wrappers (same bits; cpu_experts.py)
+        from megatron_vespo.models.cpu_attention import use_cpu_attention
         from megatron_vespo.models.cpu_experts import use_cpu_experts
 
         use_cpu_experts(spec)
+        use_cpu_attention(spec)  # torch's fused SDPA kernel where it is the same math (cpu_attention.py)
     return spec
 
 

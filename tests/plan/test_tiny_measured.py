@@ -91,6 +91,13 @@ def test_activation_formula_matches_the_bytes_saved_on_cpu(preset, dtype, overri
 
     hf = transformers.Qwen3MoeConfig(**preset_kwargs(preset))
     model = build_gpt_model(hf, ParallelConfig(), params_dtype=dtype, **overrides)
+    # the formula models megatron's local spec as it runs on a GPU: its unfused DotProductAttention
+    # (on CPU in fp32 we run torch's SDPA kernel instead, models/cpu_attention.py, which keeps less)
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    for m in model.modules():
+        if isinstance(m, DotProductAttention):
+            m.__class__ = DotProductAttention
     b, s = 2, 48
     tokens = torch.randint(0, hf.vocab_size, (b, s))
 
