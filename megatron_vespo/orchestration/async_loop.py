@@ -186,11 +186,10 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             updates = s.actor.train_on_rollout(batch)
             t2 = time.perf_counter()
             fault_point("trained", it)  # tests: kill -9 with the updates done, nothing synced or saved
-            # rank-0-only Ray calls: a failure is broadcast (below), so no rank waits alone in a collective
-            snap, late_error = run_on_rank0(rank0, partial(_snapshot, ray, worker, before, held),
-                                            f"rollout {it}: worker snapshot")
-            overlap_m, data_state = snap if snap is not None else ({}, None)
-            rm.update(overlap_m)
+            # rank-0-only Ray calls: a failure is broadcast (below), so no rank waits alone in a collective.
+            # The snapshot is asked for now and read after the weight staging: its round trip overlaps it
+            asked, late_error = run_on_rank0(rank0, partial(_ask_snapshot, worker, held),
+                                             f"rollout {it}: worker snapshot")
             version += 1
             sm = loader.join()  # collective: the previous version's background load (and its error)
             # loop.freeze_gc, once: here, where no background job holds the engines' event loop
@@ -204,6 +203,11 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                 _, err = run_on_rank0(rank0, partial(_set_version, ray, worker, version),
                                       f"rollout {it}: worker version")
                 late_error = late_error or err
+            snap, err = (None, None) if asked is None else run_on_rank0(
+                rank0, partial(_snapshot, ray, asked, before), f"rollout {it}: worker snapshot")
+            late_error = late_error or err
+            overlap_m, data_state = snap if snap is not None else ({}, None)
+            rm.update(overlap_m)
             if s.evaluator.due(it):  # the evaluation generates with the engines: the load must be done
                 wait = sm.pop("time/weight_load_wait_s", 0.0)
                 sm.update(loader.join())
@@ -257,10 +261,15 @@ def _pull(ray: Any, worker: Any, n_groups: int, version: int, max_lag: int, ahea
     return collate(samples), None, (metrics, before, held, nxt)
 
 
-def _snapshot(ray: Any, worker: Any, before: Any, trained: Optional[int] = None) -> tuple[dict[str, float], dict]:
-    """Rank 0, right after training: (overlap metrics since ``before`` -- worker stats, or a Ray
-    reference to them -- and the worker's data position with batch ``trained`` released)."""
-    snap = ray.get(worker.snapshot.remote(trained))
+def _ask_snapshot(worker: Any, trained: Optional[int] = None) -> Any:
+    """Rank 0, right after training: ask for the worker's snapshot (batch ``trained`` released); a Ray reference."""
+    return worker.snapshot.remote(trained)
+
+
+def _snapshot(ray: Any, asked: Any, before: Any) -> tuple[dict[str, float], dict]:
+    """Rank 0: (overlap metrics since ``before`` -- worker stats, or a Ray reference to them -- and the
+    worker's data position) from the snapshot ``asked`` for by :func:`_ask_snapshot`."""
+    snap = ray.get(asked)
     before = before if isinstance(before, dict) else ray.get(before)
     return overlap_metrics(before, snap["stats"]), snap["state"]
 

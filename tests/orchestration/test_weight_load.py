@@ -104,15 +104,26 @@ class _Remote:
         self.remote = fn
 
 
+class _Ref:
+    """A Ray object reference whose ``ray.get`` is logged."""
+
+    def __init__(self, value, log, name):
+        self.value, self.log, self.name = value, log, name
+
+
 class FakeWorker:
-    """The trainer-facing calls of the Ray worker; ``ray.get`` is the identity below."""
+    """The trainer-facing calls of the Ray worker; ``ray.get`` is the identity below (a ``_Ref``: logged)."""
 
     def __init__(self, log):
         self.log = log
-        self.snapshot = _Remote(lambda trained=None: {"stats": {"clock_s": 1.0, "samples": 0, "engine_busy_s": []},
-                                         "state": {"epoch": 0, "offset": 0, "pending_prompts": []}})
+        self.snapshot = _Remote(self._snapshot)
         self.set_version = _Remote(lambda v: self.log.append(("set_version", v)))
         self.stop = _Remote(lambda: self.log.append(("worker stop",)))
+
+    def _snapshot(self, trained=None):
+        self.log.append(("snapshot asked",))
+        return _Ref({"stats": {"clock_s": 1.0, "samples": 0, "engine_busy_s": []},
+                     "state": {"epoch": 0, "offset": 0, "pending_prompts": []}}, self.log, "snapshot")
 
 
 class FakeRay:
@@ -120,6 +131,9 @@ class FakeRay:
         return True
 
     def get(self, x, timeout=None):
+        if isinstance(x, _Ref):
+            x.log.append((f"{x.name} read",))
+            return x.value
         return x
 
     def kill(self, handle):
@@ -319,6 +333,15 @@ def test_the_tensor_path_stages_on_the_trainers_path_and_loads_in_the_background
     # a staging is never started while the previous transfer may still read the buffers
     for v in (2, 3):
         assert log.index(("loaded", v - 1, loads[v - 2][2])) < log.index(("staged", v))
+    # the worker's snapshot is asked for right after training and read after the staging: its Ray
+    # round trip overlaps the staging instead of adding to the trainer's path
+    asked = [i for i, e in enumerate(log) if e == ("snapshot asked",)]
+    read = [i for i, e in enumerate(log) if e == ("snapshot read",)]
+    staged = [log.index(("staged", v)) for v in (1, 2, 3)]
+    trained = [log.index(("train", v)) for v in (1, 2, 3)]
+    assert len(asked) == len(read) == 3
+    for k in range(3):
+        assert trained[k] < asked[k] < staged[k] < read[k], log
 
 
 def test_lag_zero_falls_back_to_the_synchronous_load(monkeypatch, tmp_path):
