@@ -47,7 +47,7 @@ EMULATED_SGLANG_VERSION = "0.5.23-embedded"
 def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any:
     """The FastAPI app serving ``engine``."""
     fastapi = require("fastapi", "the embedded rollout server")
-    from fastapi import Body, Request
+    from fastapi import Depends, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
     app = fastapi.FastAPI(title="megatron_vespo embedded rollout server")
@@ -57,8 +57,16 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
         return JSONResponse({"error": {"message": msg}}, status_code=status)
 
     async def body_of(request: Any, required: bool = True) -> Any:
-        # RequestError (-> 400) when not JSON, not sent as JSON, or missing where SGLang requires it
+        # RequestError (-> 400) when not JSON, not sent as JSON, or missing where SGLang requires it.
+        # Every body is read here (the sync handlers get it through Depends), so the rule does not
+        # depend on how the installed FastAPI parses a Body() parameter
         return parse_body(await request.body(), request.headers.get("content-type"), required=required)
+
+    async def json_body(request: Request) -> Any:  # a body model SGLang requires
+        return await body_of(request)
+
+    async def json_body_or_empty(request: Request) -> Any:  # a body whose fields all have defaults
+        return await body_of(request, required=False)
 
     async def body_as(request: Any, model: Any, required: bool = True) -> Any:
         return validate(model, await body_of(request, required))  # RequestError (-> 400) names the field
@@ -151,14 +159,8 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
     async def bad_request(request: Request, exc: RequestError):
         return error(str(exc))
 
-    @app.exception_handler(fastapi.exceptions.RequestValidationError)
-    async def unparsable_body(request: Request, exc: Any):  # e.g. malformed JSON: 400, as our own checks
-        errs = exc.errors()
-        where = ".".join(str(p) for p in errs[0].get("loc", ())) if errs else "body"
-        return error(f"request body invalid at {where}: {errs[0].get('msg') if errs else exc}")
-
     @app.post("/update_weights_from_disk")
-    def update_weights_from_disk(body: Any = Body(None)):  # sync: FastAPI runs it in a thread
+    def update_weights_from_disk(body: Any = Depends(json_body)):  # sync: FastAPI runs it in a thread
         try:
             b = validate(UpdateFromDiskIn, body)
         except RequestError as exc:
@@ -173,7 +175,7 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
                             status_code=200 if ok else 400)
 
     @app.post("/update_weight_version")
-    def update_weight_version(body: Any = Body(None)):
+    def update_weight_version(body: Any = Depends(json_body)):
         b = validate(UpdateWeightVersionIn, body)
         if b.abort_all_requests:
             engine.abort(abort_all=True, message="Abort by update_weight_version")
@@ -214,17 +216,17 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
         return answer(*window.end())
 
     @app.post("/init_weights_update_group")
-    def init_weights_update_group(body: Any = Body(None)):  # sync: blocks until the group formed
+    def init_weights_update_group(body: Any = Depends(json_body)):  # sync: blocks until the group formed
         b = validate(InitGroupIn, body)
         return answer(*engine.weight_groups.init(b.master_address, b.master_port, b.rank_offset, b.world_size,
                                                  b.group_name, b.backend))
 
     @app.post("/destroy_weights_update_group")
-    def destroy_weights_update_group(body: Any = Body(None)):
-        return answer(*engine.weight_groups.destroy(validate(DestroyGroupIn, {} if body is None else body).group_name))
+    def destroy_weights_update_group(body: Any = Depends(json_body_or_empty)):
+        return answer(*engine.weight_groups.destroy(validate(DestroyGroupIn, body).group_name))
 
     @app.post("/update_weights_from_distributed")
-    def update_weights_from_distributed(body: Any = Body(None)):
+    def update_weights_from_distributed(body: Any = Depends(json_body)):
         b = validate(UpdateFromDistributedIn, body)
         if (refused := window.refusal("update_weights_from_distributed")) is not None:
             return answer(False, refused)  # like SGLang: before receiving, so the broadcast stays pending
@@ -235,7 +237,7 @@ def build_app(engine: EmbeddedEngine, server_info: Optional[dict] = None) -> Any
         return answer(*engine.load_weights(named, b.weight_version, b.abort_all_requests))
 
     @app.post("/update_weights_from_tensor")
-    def update_weights_from_tensor(body: Any = Body(None)):
+    def update_weights_from_tensor(body: Any = Depends(json_body)):
         b = validate(UpdateFromTensorIn, body)
         if (refused := window.refusal("update_weights_from_tensor")) is not None:
             return answer(False, refused)

@@ -204,6 +204,7 @@ def error_message(exc: ValidationError, limit: int = 3) -> str:
 # application/json or application/*+json; with current FastAPI's ``strict_content_type`` (default True;
 # fastapi/routing.py, read at 0.165.0) a body without a content-type is not read as JSON either.
 # Anything else reaches the model as bytes and SGLang answers 400, as it does for a missing body.
+# The embedded server reads every body through parse_body, which applies that rule itself.
 def is_json_content_type(value: str | None) -> bool:
     """True for ``application/json`` and ``application/*+json`` (parameters such as charset allowed)."""
     if not value:
@@ -233,15 +234,7 @@ def parse_body(raw: bytes | str | None, content_type: str | None = "application/
 
 
 def validate(model: type[M], body: Any) -> M:
-    """``body`` (parsed JSON) as ``model``; RequestError naming the bad fields.
-
-    ``None`` (no body) and bytes (a body FastAPI did not read as JSON: see ``is_json_content_type``)
-    are refused with that reason.
-    """
-    if body is None:
-        raise RequestError("request body is required: send a JSON object with content-type application/json")
-    if isinstance(body, (bytes, bytearray)):
-        raise RequestError("request body was not read as JSON: send it with content-type application/json")
+    """``body`` (parsed JSON, see :func:`parse_body`) as ``model``; RequestError naming the bad fields."""
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, got {type(body).__name__}")
     try:
