@@ -26,6 +26,7 @@ from megatron_vespo.checkpoint.mapping import (
     canonical_name,
     hf_to_mcore,
     mcore_to_hf,
+    mcore_to_hf_views,
     tp_shard,
     tp_unshard,
 )
@@ -289,6 +290,31 @@ def iter_hf_weights(model: Any, dims: Any, *, bucket_bytes: int = DEFAULT_BUCKET
                     bucket.extend(group)
     if size:
         yield bucket
+
+
+def hf_source_views(model: Any, dims: Any, layout: Optional[ShardLayout] = None
+                    ) -> Optional[list[tuple[str, torch.Tensor, torch.nn.Parameter]]]:
+    """Every HF tensor of an unsharded model as a view of its parameter: ``[(hf_name, view, param)]``.
+
+    For readers that copy the current weights again and again (the CPU weight staging): no
+    gathers, no copies, no Python per tensor after the first call. The views are those of
+    :func:`iter_hf_weights` without its ``contiguous()`` copies (q/k/v keep
+    ``mapping.mcore_to_hf_views``' shape). None when the model is sharded (TP, EP or PP > 1) or
+    holds FP8 parameters: those go through :func:`iter_hf_weights`.
+    """
+    from megatron_vespo.fp8.te import is_fp8_tensor
+
+    dims = as_dims(dims)
+    layout = layout or ShardLayout.current()
+    if (layout.tp_size, layout.etp_size, layout.ep_size, layout.pp_size) != (1, 1, 1, 1):
+        return None
+    out = []
+    for lp in local_params(model, dims, layout):
+        if is_fp8_tensor(lp.param):
+            return None
+        full = tp_unshard(lp.rule, [lp.param.detach()], dims.vocab_size)
+        out.extend((name, view, lp.param) for name, view in mcore_to_hf_views(lp.rule, full, dims))
+    return out
 
 
 def export_hf_state_dict(model: Any, dims: Any, dtype: Optional[torch.dtype] = None) -> dict:

@@ -148,18 +148,27 @@ def hf_to_mcore(rule: ParamRule, tensors: Sequence[torch.Tensor], dims: Qwen3Moe
     return qkv.reshape(g * (r + 2) * hd, h)
 
 
-def mcore_to_hf(rule: ParamRule, full: torch.Tensor, dims: Qwen3MoeDims) -> list[tuple[str, torch.Tensor]]:
-    """Split a full Megatron tensor into ``(hf_name, tensor)`` pairs (inverse of :func:`hf_to_mcore`)."""
+def mcore_to_hf_views(rule: ParamRule, full: torch.Tensor, dims: Qwen3MoeDims) -> list[tuple[str, torch.Tensor]]:
+    """:func:`mcore_to_hf` without copies: each HF tensor as a (strided) view of ``full``.
+
+    Same values, and the same shapes except q/k/v, which stay ``[kv_heads, rows per head, hidden]``
+    (their HF tensor is that, row-major, reshaped to ``[kv_heads * rows, hidden]``).
+    """
     if rule.kind == "copy":
         return [(rule.hf[0], full)]
     if rule.kind == "gate_up":
         gate, up = full.chunk(2, dim=0)
-        return [(rule.hf[0], gate.contiguous()), (rule.hf[1], up.contiguous())]
+        return [(rule.hf[0], gate), (rule.hf[1], up)]
     g, hd, h = dims.num_key_value_heads, dims.head_dim, full.shape[-1]
     r = dims.num_attention_heads // g
     q, k, v = full.reshape(g, (r + 2) * hd, h).split([r * hd, hd, hd], dim=1)
-    return [(rule.hf[0], q.reshape(-1, h).contiguous()), (rule.hf[1], k.reshape(-1, h).contiguous()),
-            (rule.hf[2], v.reshape(-1, h).contiguous())]
+    return [(rule.hf[0], q), (rule.hf[1], k), (rule.hf[2], v)]
+
+
+def mcore_to_hf(rule: ParamRule, full: torch.Tensor, dims: Qwen3MoeDims) -> list[tuple[str, torch.Tensor]]:
+    """Split a full Megatron tensor into ``(hf_name, tensor)`` pairs (inverse of :func:`hf_to_mcore`)."""
+    qkv, h = rule.kind not in ("copy", "gate_up"), full.shape[-1]
+    return [(name, (t.reshape(-1, h) if qkv else t).contiguous()) for name, t in mcore_to_hf_views(rule, full, dims)]
 
 
 # ----------------------------------------------------------------------------- tensor parallel

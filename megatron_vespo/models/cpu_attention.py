@@ -63,13 +63,14 @@ if DotProductAttention is not None:
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                        packed_seq_params)
             sq, b, heads, _ = query.shape
-            groups = key.size(2)
-            if heads != groups:  # grouped-query attention: repeat K/V per query head, as Megatron does
-                key = key.repeat_interleave(heads // groups, dim=2)
-                value = value.repeat_interleave(heads // groups, dim=2)
+            # grouped-query attention: query head i reads K/V group i // (heads / groups), the head
+            # order of Megatron's repeat_interleave; SDPA's enable_gqa maps heads the same way without
+            # materialising the repeated K/V and their gradients (same bits: test_cpu_attention.py)
+            gqa = heads != key.size(2)
             # [s, b, n, h] -> [b, n, s, h]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-            ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                                                   enable_gqa=gqa)
             # [b, n, s, h] -> [s, b, n * h]
             return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 

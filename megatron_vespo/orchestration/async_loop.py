@@ -40,7 +40,7 @@ from megatron_vespo.config.base import ConfigError
 from megatron_vespo.config.job import JobConfig
 from megatron_vespo.orchestration.async_buffer import lag_metrics
 from megatron_vespo.orchestration.collect import sample_metrics
-from megatron_vespo.orchestration.weight_load import BackgroundLoad, PausedDiskLoad, deferred_update
+from megatron_vespo.orchestration.weight_load import BackgroundLoad, ParamsGate, PausedDiskLoad, deferred_update
 from megatron_vespo.orchestration.weight_load import overlap_weight_load as resolve_overlap
 from megatron_vespo.types import Sample
 from megatron_vespo.utils.imports import require
@@ -160,7 +160,12 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
     L, version, rank0 = job.loop.max_policy_lag, s.version, s.rank0
     engines = worker = mlog = None
     ray_started = False
-    loader = BackgroundLoad(rank0)  # the engines' load of the latest version, when overlapped
+    # one process, tensor path: the staging reads the weights in the background job too, and the
+    # next optimizer step waits for it (weight_load.ParamsGate)
+    gate = ParamsGate() if overlap and job.weight_sync.kind == "tensor" and hasattr(s.actor, "before_param_update") \
+        else None
+    unhook = s.actor.before_param_update(gate.wait) if gate is not None else None
+    loader = BackgroundLoad(rank0, gate)  # the engines' load of the latest version, when overlapped
     history: list[dict[str, float]] = []
     try:
         engines = s.start_engines(embedded_mode="process")
@@ -197,7 +202,10 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             if overlap:
                 sm.update(deferred_update(s, engines, version, job.loop.pause_mode, loader,
                                           then=partial(_set_version, ray, worker, version)))
-                sm["weight_sync/total_s"] = sm["weight_sync/export_s"] + sm["time/weight_load_wait_s"]
+                if gate is not None:  # this iteration's optimizer step waited for the last staging
+                    sm["time/params_wait_s"] = gate.take_waited()
+                sm["weight_sync/total_s"] = (sm["weight_sync/export_s"] + sm["time/weight_load_wait_s"]
+                                             + sm.get("time/params_wait_s", 0.0))
             else:
                 sm.update(update_engines(s, engines, version, job.loop.pause_mode))
                 _, err = run_on_rank0(rank0, partial(_set_version, ray, worker, version),
@@ -227,6 +235,8 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             s.save(it, version, data_state, router_state)
         loader.join()  # the last load: its error fails the run on every rank
     finally:
+        if unhook is not None:
+            unhook()
         s.gc_pauses.remove()
         if mlog is not None:
             mlog.close()

@@ -11,7 +11,12 @@ synchronous on every rank, then rank 0 hands ``pause -> /update_weights_from_dis
 the trainer goes on to pull and train the next batch. With ``weight_sync.kind: tensor`` (CPU)
 the export is the staging of every bucket in persistent shared memory and the background job
 posts ``/update_weights_from_tensor`` inside a weight-update window instead
-(``deferred_tensor_update``). Why the lag accounting stays exact:
+(``deferred_tensor_update``). In a one-process job whose actor can guard its parameter writes
+(``before_param_update``) the staging itself joins the background job: it reads the weights
+while the trainer pulls and runs the next forward-backward, and the next optimizer step waits
+for it (``ParamsGate``), so the staged buffers still hold exactly the version's weights. (With
+more ranks the staging's gathers are collectives and stay on the trainer's path.) Why the lag
+accounting stays exact:
 
 * the next batch needs no new admission budget: after the trainer has consumed
   ``(v - v0)`` batches at version ``v``, the worker, still at ``v - 1``, may have
@@ -98,6 +103,42 @@ class PausedDiskLoad:
             self.paused_s = time.perf_counter() - t0
 
 
+class ParamsGate:
+    """Open while no background job reads the trainer's parameters; the optimizer step waits on it.
+
+    ``hold()`` before a background reader starts, ``release()`` when it is done (also on error);
+    ``wait()`` (hooked before every optimizer step, ``MegatronActor.before_param_update``)
+    blocks until then and adds the seconds to ``waited_s``, which the loop reports and resets.
+    """
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self._open.set()
+        self.waited_s = 0.0
+
+    def hold(self) -> None:
+        """A background job starts reading the parameters."""
+        self._open.clear()
+
+    def release(self) -> None:
+        """The background job no longer reads the parameters."""
+        self._open.set()
+
+    def wait(self) -> None:
+        """Block until released (in slices, so Ctrl-C stays responsive)."""
+        if self._open.is_set():
+            return
+        t0 = time.perf_counter()
+        while not self._open.wait(0.5):
+            pass
+        self.waited_s += time.perf_counter() - t0
+
+    def take_waited(self) -> float:
+        """Seconds waited since the last call."""
+        waited, self.waited_s = self.waited_s, 0.0
+        return waited
+
+
 class BackgroundLoad:
     """At most one rank-0 job on the engines running in a background thread; ``join`` is collective.
 
@@ -107,8 +148,9 @@ class BackgroundLoad:
     rank. ``close(timeout_s)`` is for shutdown: waits a bounded time, never raises.
     """
 
-    def __init__(self, rank0: bool) -> None:
+    def __init__(self, rank0: bool, params_gate: Optional[ParamsGate] = None) -> None:
         self.rank0 = rank0
+        self.params_gate = params_gate  # set: a job may read the trainer's parameters (staging, one process)
         self._thread: Optional[threading.Thread] = None
         self._what = ""
         self._metrics: dict[str, float] = {}
@@ -221,6 +263,9 @@ def deferred_tensor_update(setup: LoopSetup, engines: Optional[Engines], version
     """
     if loader.pending:
         raise RuntimeError(f"staging version {version} while the previous load is pending: join it first")
+    gate = loader.params_gate
+    if engines is not None and gate is not None and _world_size() == 1:
+        return _background_staging(setup, engines, version, pause_mode, loader, gate, then)
     staged = setup.sync.stage(setup.actor.model, engines)
     if engines is not None:
         def load() -> dict[str, float]:
@@ -231,6 +276,38 @@ def deferred_tensor_update(setup: LoopSetup, engines: Optional[Engines], version
 
         loader.start(load, f"engine load of version {version}")
     return {"weight_sync/export_s": staged.stage_s}
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _background_staging(setup: LoopSetup, engines: Engines, version: int, pause_mode: str, loader: BackgroundLoad,
+                        gate: ParamsGate, then: Optional[Callable[[], Any]]) -> dict[str, float]:
+    """One process: stage and post ``version`` in one background job; the next optimizer step waits for the staging.
+
+    Safe because the staging only reads the parameters and nothing writes them before the
+    next optimizer step, whose pre-step hook waits on ``gate`` (held from here until the
+    staging ends, also when it fails).
+    """
+    gate.hold()
+
+    def load() -> dict[str, float]:
+        try:
+            staged = setup.sync.stage(setup.actor.model, engines)
+        finally:
+            gate.release()
+        metrics = setup.sync.send(staged, version, engines, pause_mode=pause_mode)
+        if then is not None:
+            then()
+        return {**metrics, "weight_sync/stage_s": staged.stage_s}
+
+    try:
+        loader.start(load, f"staging and engine load of version {version}")
+    except BaseException:
+        gate.release()
+        raise
+    return {"weight_sync/export_s": 0.0}
 
 
 def deferred_update(setup: LoopSetup, engines: Optional[Engines], version: int, pause_mode: str,

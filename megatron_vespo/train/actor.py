@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -254,6 +254,18 @@ class MegatronActor:
             metrics["update"] = float(k)
             results.append(metrics)
         return results
+
+    def before_param_update(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn()`` right before any optimizer step writes the parameters; returns the remover.
+
+        Hooked on the torch optimizers inside Megatron's (``register_step_pre_hook``), so it runs
+        after the forward, backward and gradient clipping of an update and before its first
+        parameter write: a background reader of the weights (the async loop's weight staging)
+        can use the whole forward-backward and be waited for only here.
+        """
+        inner = [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        handles = [opt.register_step_pre_hook(lambda *_: fn()) for opt in inner]
+        return lambda: [h.remove() for h in handles]
 
     @property
     def fuses_old_log_prob(self) -> bool:

@@ -72,6 +72,16 @@ class BucketStaging:
             view.copy_(t.detach())
         return data
 
+    def named_views(self) -> dict[str, torch.Tensor]:
+        """Every staged tensor's typed view into its flat buffer, by name (all buckets)."""
+        return {name: view for slot in self._slots if slot is not None for (name, _, _), view in zip(slot[0], slot[2])}
+
+    def buckets(self) -> list[dict[str, Any]]:
+        """The staged flattened buckets in index order (each valid until the next ``pack`` of its index)."""
+        if any(slot is None for slot in self._slots):
+            raise RuntimeError("a bucket index was never staged")
+        return [slot[1] for slot in self._slots]
+
     def trim(self, n_buckets: int) -> None:
         """Forget the buffers of bucket indices ``>= n_buckets`` (the model now exports fewer buckets)."""
         del self._slots[n_buckets:]

@@ -81,6 +81,45 @@ class StagedWeights:
     stage_s: float
 
 
+@dataclass
+class _ViewPlan:
+    """One process: each staged tensor's buffer view paired with the view of the parameter it comes from.
+
+    Built after a full staging (``iter_hf_weights`` + ``BucketStaging.pack``), when every staged
+    tensor is exactly a view of one parameter (``hf_weights.hf_source_views``: unsharded, no
+    dtype cast, no FP8) with the same dtype and size. The next stagings are then one
+    ``torch._foreach_copy_`` of the same values into the same buffers. Valid while the staged
+    buffers are the same (``allocations`` and bucket count) and every parameter still has its
+    storage (``data_ptr``).
+    """
+
+    dsts: list[torch.Tensor]
+    srcs: list[torch.Tensor]
+    params: list[tuple[torch.Tensor, int]]
+    allocations: int
+    n_buckets: int
+    nbytes: int
+
+    @classmethod
+    def build(cls, model: Any, dims: Any, staging: BucketStaging, nbytes: int) -> Optional["_ViewPlan"]:
+        """The plan for ``model``'s current staging, or None where the staging is not plain views."""
+        from megatron_vespo.checkpoint.hf_weights import hf_source_views
+
+        views, dst = hf_source_views(model, dims), staging.named_views()
+        if views is None or len(views) != len(dst) or {n for n, _, _ in views} != set(dst):
+            return None
+        if any(dst[n].dtype != v.dtype or dst[n].numel() != v.numel() for n, v, _ in views):
+            return None
+        params = list({id(p): (p, p.data_ptr()) for _, _, p in views}.values())
+        return cls([dst[n].view(v.shape) for n, v, _ in views], [v for _, v, _ in views], params,
+                   staging.allocations, len(staging.buckets()), nbytes)
+
+    def valid(self, staging: BucketStaging) -> bool:
+        """Same staged buffers, and no parameter got new storage since the plan was built."""
+        return (staging.allocations == self.allocations and len(staging.buckets()) == self.n_buckets
+                and all(p.data_ptr() == ptr for p, ptr in self.params))
+
+
 def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -108,6 +147,7 @@ class TensorWeightSync:
                                  else torch.device("cpu"))
         # CPU: buckets live in persistent shared memory (staging.py); GPU: one bucket at a time, freed after
         self.staging = BucketStaging() if self.device.type == "cpu" else None
+        self._plan: Optional[_ViewPlan] = None  # one process: the staging as one copy (see _ViewPlan)
 
     def _post(self, clients: Sequence[Any], run: Callable[[Awaitable[Any]], Any], payloads: list[str],
               version: Optional[int], last: bool) -> Optional[str]:
@@ -209,11 +249,17 @@ class TensorWeightSync:
         if error is not None:
             raise ValueError(error)
         t0, nbytes, payloads = time.perf_counter(), 0, []
+        plan = self._plan if world == 1 else None
+        if plan is not None and plan.valid(self.staging):
+            torch._foreach_copy_(plan.dsts, plan.srcs)  # one call: no Python per tensor, no GIL held while copying
+            buckets = self.staging.buckets()
+            return StagedWeights([[serialize(b)] for b in buckets], plan.nbytes, time.perf_counter() - t0)
         buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.export_dtype)
         for index, bucket in enumerate(buckets):
             payloads.append(self._payloads(index, bucket, rank, world)[0])
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
         self.staging.trim(len(payloads))
+        self._plan = _ViewPlan.build(model, self.dims, self.staging, nbytes) if world == 1 else None
         return StagedWeights(payloads if rank == 0 else None, nbytes, time.perf_counter() - t0)
 
     def send(self, staged: StagedWeights, version: int, clients: Sequence[Any], run: Callable[[Awaitable[Any]], Any],

@@ -203,8 +203,9 @@ class FakeDisk:
 
 
 class FakeSetup:
-    def __init__(self, job, tmp_path, log, engines, interrupt_at=None, eval_at=()):
+    def __init__(self, job, tmp_path, log, engines, interrupt_at=None, eval_at=(), guard=False, stage_s=0.0):
         self.job, self.log, self.engines, self.interrupt_at = job, log, engines, interrupt_at
+        self.stage_delay = stage_s  # seconds a staging takes (the guarded case: it runs in the background)
         self.rank0, self.version, self.start, self.state, self.data_state = True, 0, 0, None, {}
         self.dataset = None
         self.gc_pauses = GcPauses().install()  # the loop reads time/gc_s from it and removes it at the end
@@ -222,6 +223,9 @@ class FakeSetup:
                 engines.trained.setdefault(it, threading.Event()).set()
                 if it == outer.interrupt_at:
                     raise KeyboardInterrupt
+                for hook in outer.step_hooks:  # the optimizer's pre-step hooks, before any parameter write
+                    hook()
+                outer.log.append(("step", it))
                 return [{"loss": 0.0}]
 
         class Evaluator:
@@ -233,6 +237,12 @@ class FakeSetup:
                     outer.log.append(("eval", it, eng.served))
                 return {}
 
+        self.step_hooks = []
+        if guard:  # an actor that can guard its parameter writes (MegatronActor.before_param_update)
+            def before_param_update(actor, fn):
+                self.step_hooks.append(fn)
+                return lambda: (self.step_hooks.remove(fn), self.log.append(("unhooked",)))
+            Actor.before_param_update = before_param_update
         self.actor, self.evaluator = Actor(), Evaluator()
 
     def after_first_iteration(self, it, engines, worker=None):  # loop.freeze_gc: recorded, never run here
@@ -245,7 +255,9 @@ class FakeSetup:
         return {"weight_sync/export_s": 0.0, "weight_sync/load_s": 0.0}
 
     def _stage(self, model, engines):  # tensor path: the staged buckets stand in as a directory
+        time.sleep(self.stage_delay)
         self.log.append(("staged", len([e for e in self.log if e[0] == "staged"]) + 1))
+        self.log.append(("staged in", threading.current_thread() is threading.main_thread()))
         return type("Staged", (), {"stage_s": 0.0, "path": self.sync.disk.export(model, len(self.log))})()
 
     def _send(self, staged, version, engines, pause_mode=None):
@@ -268,13 +280,14 @@ class FakeSetup:
 
 
 def _run(monkeypatch, tmp_path, *, lag=1, rollouts=3, fail_at=None, interrupt_at=None, hold=5.0, hold_for=(1,),
-         eval_at=(), **loop):
+         eval_at=(), guard=False, stage_s=0.0, **loop):
     job = _job(tmp_path, max_policy_lag=lag, num_rollouts=rollouts, **loop)
     log, trained = [], {}
     engines = FakeEngines(log, trained, fail_at=fail_at, hold=hold, hold_for=hold_for)
     for v in range(1, rollouts + 2):
         trained[v] = threading.Event()
-    fake = FakeSetup(job, tmp_path, log, engines, interrupt_at=interrupt_at, eval_at=eval_at)
+    fake = FakeSetup(job, tmp_path, log, engines, interrupt_at=interrupt_at, eval_at=eval_at, guard=guard,
+                     stage_s=stage_s)
 
     def pull(ray, worker, n, version, max_lag, ahead=None, ask_ahead=False):
         return version + 1, None, ({"time/wait_s": 0.0}, {"clock_s": 0.0, "samples": 0, "engine_busy_s": []}, None,
@@ -342,6 +355,30 @@ def test_the_tensor_path_stages_on_the_trainers_path_and_loads_in_the_background
     assert len(asked) == len(read) == 3
     for k in range(3):
         assert trained[k] < asked[k] < staged[k] < read[k], log
+
+
+def test_one_process_stages_in_the_background_and_the_next_optimizer_step_waits_for_it(monkeypatch, tmp_path):
+    """An actor that guards its parameter writes gets the staging moved into the background job.
+
+    The staging (slowed to 0.3 s here) then overlaps the pull and the next forward-backward; the
+    next optimizer step, and only it, waits until the staging has read the weights.
+    """
+    log, run = _run(monkeypatch, tmp_path, rollouts=3, kind="tensor", guard=True, stage_s=0.3, hold_for=())
+    run()
+    assert [e for e in log if e[0] == "staged in"] == [("staged in", False)] * 3  # never on the main thread
+    for v in (1, 2):
+        # the next batch started training while version v was still being staged, and its optimizer
+        # step came only after the staging
+        assert log.index(("train", v + 1)) < log.index(("staged", v)) < log.index(("step", v + 1)), log
+    loads = [e for e in log if e[0] == "loaded"]
+    for v in (1, 2, 3):  # staged, then sent, then the worker hears of the version
+        assert log.index(("staged", v)) < log.index(loads[v - 1]) < log.index(("set_version", v))
+    rows = [e[2] for e in log if e[0] == "row"]
+    assert all(r["weight_sync/export_s"] == 0.0 for r in rows)  # nothing left on the trainer's path
+    assert rows[0]["time/params_wait_s"] == 0.0  # nothing staged before the first step
+    assert all(r["time/params_wait_s"] > 0.1 for r in rows[1:])  # the steps of batches 2, 3 waited
+    assert all(r["weight_sync/total_s"] >= r["time/params_wait_s"] for r in rows)
+    assert log.index(("step", 3)) < log.index(("unhooked",))  # the hook is removed when the loop ends
 
 
 def test_lag_zero_falls_back_to_the_synchronous_load(monkeypatch, tmp_path):

@@ -66,6 +66,24 @@ def test_outputs_and_gradients_match_megatrons_attention():
     torch.testing.assert_close(got[0][0], first, rtol=1e-6, atol=1e-6)
 
 
+def test_grouped_query_heads_read_megatrons_groups_bit_for_bit():
+    """enable_gqa (no repeated K/V) gives the bits of SDPA on K/V repeated as Megatron repeats them."""
+    actor = make_actor({}, train={})
+    core = _cores(actor)[0]
+    q, k, v, g = _qkv(core, seed=3)
+    rep = core.num_attention_heads_per_partition // core.num_query_groups_per_partition
+    assert rep > 1
+
+    def repeated(core, q, k, v, mask):  # the explicit repeat, then the same SDPA call
+        k, v = (t.repeat_interleave(rep, dim=2) for t in (k, v))
+        return CpuDotProductAttention.forward(core, q, k, v, mask)
+
+    ref = _run(repeated, core, q, k, v, g)
+    got = _run(CpuDotProductAttention.forward, core, q, k, v, g)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
 def test_a_whole_update_lands_on_the_same_weights():
     torch.manual_seed(0)
     fused = make_actor({}, train={})

@@ -142,6 +142,20 @@ def _one_rank(rank, world):
         out["version_tensor3"] = run(client.weight_version())
         out["tensor_allocations"] = (allocated, tensor.staging.allocations, out["tensor"]["weight_sync/buckets"])
         out["tensor_window_open_after_send"] = handle.engine.weight_window.is_open
+        # one process: the next stagings are the cached view plan (one foreach copy); then a parameter
+        # given new storage (as a load that replaces .data would) drops the plan for a full staging
+        out["plan_built"] = tensor._plan is not None
+        for step, replace in ((9, False), (10, True)):
+            with torch.no_grad():
+                for i, p in enumerate(model.parameters()):
+                    p.add_(0.125 * (i % 3 - 1))
+            if replace:
+                first = next(model.parameters())
+                first.data = first.data.clone() * 2.0
+            ref = export_hf_state_dict(model, hf_cfg)
+            fast = tensor._plan is not None and tensor._plan.valid(tensor.staging)
+            tensor.send(tensor.stage(model, clients=[client], run=run), step, [client], run)
+            out[f"plan_{step}"] = (fast, mismatches(handle.engine, ref), tensor.staging.allocations)
     finally:
         run(client.aclose())
         handle.stop()
@@ -207,6 +221,14 @@ def test_tensor_path_reuses_its_shared_memory_buffers_and_the_engine_sees_each_n
     assert r["send"]["weight_sync/buckets"] == buckets and r["send"]["weight_sync/bytes"] > 0
     assert r["send_order"] == [("pause", False), ("continue", False)]  # the window lay inside the pause
     assert r["send"]["time/engines_paused_s"] == r["send"]["weight_sync/load_s"] > 0
+
+
+def test_one_process_staging_through_the_view_plan_gives_the_engine_the_same_bits(one_rank):
+    r = one_rank
+    buckets = r["tensor_allocations"][2]
+    assert r["plan_built"]
+    assert r["plan_9"] == (True, [], buckets)  # the plan's copy: same buffers, same bits as the export
+    assert r["plan_10"] == (False, [], buckets)  # a parameter with new storage: full staging, still exact
 
 
 def _two_ranks(rank, world):
