@@ -52,7 +52,9 @@ def run_one(mode: str, rollouts: int, out: Path, threads: int, extra: list[str])
         res["rollout_s"] = total("time/rollout_s")
     else:
         res.update(wait_s=total("time/wait_s"), paused_s=total("time/engines_paused_s"),
-                   overlap=total("async/overlap_frac") / len(per), lag_mean=total("async/lag_mean") / len(per),
+                   # each row reports the rollout before it: the first has none (NaN)
+                   overlap=statistics.mean(r["async/overlap_frac"] for r in per[1:]) if len(per) > 1 else float("nan"),
+                   lag_mean=total("async/lag_mean") / len(per),
                    stale_dropped=total("async/stale_dropped_samples"))
     return res
 

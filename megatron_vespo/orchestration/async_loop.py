@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: what :func:`overlap_metrics` reports (every row carries them: NaN where nothing was measured)
+OVERLAP_KEYS = ("async/gen_busy_during_train_s", "async/overlap_frac", "async/samples_generated_during_train")
 POLL_S = 2.0  # one take() call waits at most this long, so errors and Ctrl-C surface quickly
 
 
@@ -181,6 +183,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                                   router_state=(s.state or {}).get("router"))
         mlog = s.metrics_logger()
         ahead = None  # rank 0: the take of the next batch, sent before this one trains (a Ray object ref)
+        previous = None  # rank 0: the last iteration's (snapshot, stats before training), read one iteration late
         for it in range(s.start + 1, job.loop.num_rollouts + 1):
             t0 = time.perf_counter()
             pull = partial(_pull, ray, worker, n_groups, version, L, ahead=ahead,
@@ -192,7 +195,8 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             t2 = time.perf_counter()
             fault_point("trained", it)  # tests: kill -9 with the updates done, nothing synced or saved
             # rank-0-only Ray calls: a failure is broadcast (below), so no rank waits alone in a collective.
-            # The snapshot is asked for now and read after the weight staging: its round trip overlaps it
+            # The snapshot is asked for now; it is read now only when a checkpoint needs its data position,
+            # else in the next iteration, when it is long there (its overlap metrics go into that row)
             asked, late_error = run_on_rank0(rank0, partial(_ask_snapshot, worker, held),
                                              f"rollout {it}: worker snapshot")
             version += 1
@@ -211,8 +215,9 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                 _, err = run_on_rank0(rank0, partial(_set_version, ray, worker, version),
                                       f"rollout {it}: worker version")
                 late_error = late_error or err
-            snap, err = (None, None) if asked is None else run_on_rank0(
-                rank0, partial(_snapshot, ray, asked, before), f"rollout {it}: worker snapshot")
+            snap, err = run_on_rank0(rank0, partial(_read_snapshots, ray, previous, (asked, before), s.saves_state(it)),
+                                     f"rollout {it}: worker snapshot")
+            previous = (asked, before) if asked is not None else None
             late_error = late_error or err
             overlap_m, data_state = snap if snap is not None else ({}, None)
             rm.update(overlap_m)
@@ -223,7 +228,8 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
             sm.update(s.evaluator.maybe_evaluate(it, engines, s.actor.model))  # held-out, loop.eval_every
             _, data_state, _ = rank0_then_broadcast(rank0, lambda ds=data_state: (None, ds, None),
                                                     f"rollout {it}: data position", error=late_error)
-            router_state = data_state.pop("router", None)  # saved beside the data position, as the sync loop does
+            # saved beside the data position, as the sync loop does (no data position: no checkpoint is due)
+            router_state = data_state.pop("router", None) if data_state is not None else None
             summary = s.log_iteration(mlog, it, version, updates, {**rm, **sm}, t2 - t1, time.perf_counter() - t0)
             history.append(summary)
             if rank0:
@@ -231,7 +237,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
                             "overlap %.0f%%",
                             it, job.loop.num_rollouts, summary["rollout/reward_mean"], summary["async/lag_mean"],
                             summary["async/lag_max"], summary["time/wait_s"], t2 - t1,
-                            100 * summary["async/overlap_frac"])
+                            100 * summary.get("async/overlap_frac", float("nan")))
             s.save(it, version, data_state, router_state)
         loader.join()  # the last load: its error fails the run on every rank
     finally:
@@ -282,6 +288,20 @@ def _snapshot(ray: Any, asked: Any, before: Any) -> tuple[dict[str, float], dict
     snap = ray.get(asked)
     before = before if isinstance(before, dict) else ray.get(before)
     return overlap_metrics(before, snap["stats"]), snap["state"]
+
+
+def _read_snapshots(ray: Any, previous: Optional[tuple], current: tuple, need_state: bool
+                    ) -> tuple[dict[str, float], Optional[dict]]:
+    """Rank 0: (overlap metrics of the ``previous`` iteration's (snapshot, before) pair -- NaN in a run's
+    first iteration, also a resumed one; this iteration's data position when ``need_state``, else None).
+
+    Only ``need_state`` waits for this iteration's snapshot (a Ray round trip of 2-5 ms to a worker
+    busy with HTTP and reward scoring, on the trainer's path); the previous one has long arrived.
+    So the overlap metrics of a row describe the training of the rollout before it.
+    """
+    overlap_m = _snapshot(ray, *previous)[0] if previous is not None else dict.fromkeys(OVERLAP_KEYS, float("nan"))
+    state = _snapshot(ray, *current)[1] if need_state and current[0] is not None else None
+    return overlap_m, state
 
 
 def _set_version(ray: Any, worker: Any, version: int) -> None:

@@ -200,7 +200,13 @@ class LoopSetup:
         mlog.log(summary, step=it * staleness)
         return summary
 
-    def save(self, iteration: int, version: int, data_state: dict, router_state: Optional[dict] = None) -> None:
+    def saves_state(self, iteration: int) -> bool:
+        """Whether :meth:`save` writes a training checkpoint at ``iteration`` (the one that needs the data position)."""
+        job = self.job
+        return bool(job.checkpoint.save_dir) and (self.ckpt.due(iteration)[0] or iteration == job.loop.num_rollouts)
+
+    def save(self, iteration: int, version: int, data_state: Optional[dict],
+             router_state: Optional[dict] = None) -> None:
         """Collective: checkpoint what is due at ``iteration`` (always the last one when ``save_dir`` is set).
 
         The state is everything that shapes the rest of the run besides weights, optimizer,
@@ -208,6 +214,8 @@ class LoopSetup:
         router's seed counter (rank 0's; only rank 0 writes it) and the actor's update count.
         """
         job = self.job
+        if data_state is None and self.saves_state(iteration):
+            raise RuntimeError(f"rollout {iteration}: a checkpoint is due but no data position was read")
         state = {"policy_version": version, "data": data_state, "actor": {"updates": int(self.actor.updates)}}
         if router_state is not None:
             state["router"] = dict(router_state)

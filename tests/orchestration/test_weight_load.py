@@ -6,6 +6,7 @@ training batch 2, which the old loop -- the trainer waited for the load -- never
 """
 
 import asyncio
+import math
 import threading
 import time
 from pathlib import Path
@@ -203,8 +204,10 @@ class FakeDisk:
 
 
 class FakeSetup:
-    def __init__(self, job, tmp_path, log, engines, interrupt_at=None, eval_at=(), guard=False, stage_s=0.0):
+    def __init__(self, job, tmp_path, log, engines, interrupt_at=None, eval_at=(), guard=False, stage_s=0.0,
+                 saves_at=None):
         self.job, self.log, self.engines, self.interrupt_at = job, log, engines, interrupt_at
+        self.saves_at = saves_at
         self.stage_delay = stage_s  # seconds a staging takes (the guarded case: it runs in the background)
         self.rank0, self.version, self.start, self.state, self.data_state = True, 0, 0, None, {}
         self.dataset = None
@@ -275,19 +278,23 @@ class FakeSetup:
         return {"rollout/reward_mean": 0.0, "async/lag_mean": 0.0, "async/lag_max": 0, "time/wait_s": 0.0,
                 "async/overlap_frac": 0.0, **metrics}
 
+    def saves_state(self, it):  # LoopSetup.saves_state: a training checkpoint (with the data position) is due
+        return it in self.saves_at if self.saves_at is not None else it == self.job.loop.num_rollouts
+
     def save(self, it, version, data_state, router_state=None):
         self.log.append(("save", it, version))
+        self.log.append(("state", it, data_state))
 
 
 def _run(monkeypatch, tmp_path, *, lag=1, rollouts=3, fail_at=None, interrupt_at=None, hold=5.0, hold_for=(1,),
-         eval_at=(), guard=False, stage_s=0.0, **loop):
+         eval_at=(), guard=False, stage_s=0.0, saves_at=None, **loop):
     job = _job(tmp_path, max_policy_lag=lag, num_rollouts=rollouts, **loop)
     log, trained = [], {}
     engines = FakeEngines(log, trained, fail_at=fail_at, hold=hold, hold_for=hold_for)
     for v in range(1, rollouts + 2):
         trained[v] = threading.Event()
     fake = FakeSetup(job, tmp_path, log, engines, interrupt_at=interrupt_at, eval_at=eval_at, guard=guard,
-                     stage_s=stage_s)
+                     stage_s=stage_s, saves_at=saves_at)
 
     def pull(ray, worker, n, version, max_lag, ahead=None, ask_ahead=False):
         return version + 1, None, ({"time/wait_s": 0.0}, {"clock_s": 0.0, "samples": 0, "engine_busy_s": []}, None,
@@ -346,8 +353,9 @@ def test_the_tensor_path_stages_on_the_trainers_path_and_loads_in_the_background
     # a staging is never started while the previous transfer may still read the buffers
     for v in (2, 3):
         assert log.index(("loaded", v - 1, loads[v - 2][2])) < log.index(("staged", v))
-    # the worker's snapshot is asked for right after training and read after the staging: its Ray
-    # round trip overlaps the staging instead of adding to the trainer's path
+    # the worker's snapshot is asked for right after training. Only the last rollout saves a checkpoint
+    # (it needs the data position): its snapshot is read in the same iteration, after the staging. The
+    # others are read in the next iteration, after its training: their round trip is off the trainer's path
     asked = [i for i, e in enumerate(log) if e == ("snapshot asked",)]
     read = [i for i, e in enumerate(log) if e == ("snapshot read",)]
     staged = [log.index(("staged", v)) for v in (1, 2, 3)]
@@ -355,6 +363,26 @@ def test_the_tensor_path_stages_on_the_trainers_path_and_loads_in_the_background
     assert len(asked) == len(read) == 3
     for k in range(3):
         assert trained[k] < asked[k] < staged[k] < read[k], log
+    for k in range(2):
+        assert staged[k + 1] < read[k], log
+    assert read[2] < log.index(("save", 3, 3))
+    rows = [e[2] for e in log if e[0] == "row"]
+    assert math.isnan(rows[0]["async/overlap_frac"])  # no earlier training to report
+    assert all("async/overlap_frac" in r for r in rows[1:])  # each row: the rollout before it
+
+
+def test_a_due_checkpoint_reads_the_snapshot_in_its_own_iteration(monkeypatch, tmp_path):
+    """The data position a checkpoint saves comes from the snapshot after that rollout's training."""
+    log, run = _run(monkeypatch, tmp_path, rollouts=3, kind="tensor", saves_at=(2, 3))
+    run()
+    read = [i for i, e in enumerate(log) if e == ("snapshot read",)]
+    saves = {it: log.index(("save", it, it)) for it in (1, 2, 3)}
+    # rollout 1 saves nothing: its snapshot is read in rollout 2, which then reads its own before saving;
+    # rollout 3 reads rollout 2's again (for the overlap metrics of its row) and its own
+    assert len(read) == 4
+    assert saves[1] < read[0] < read[1] < saves[2] < read[2] < read[3] < saves[3], log
+    states = {e[1]: e[2] for e in log if e[0] == "state"}
+    assert states[1] is None and states[2] is not None and states[3] is not None
 
 
 def test_one_process_stages_in_the_background_and_the_next_optimizer_step_waits_for_it(monkeypatch, tmp_path):
