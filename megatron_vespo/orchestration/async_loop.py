@@ -38,11 +38,9 @@ from typing import TYPE_CHECKING, Any, Optional
 from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.config.job import JobConfig
-from megatron_vespo.orchestration.async_buffer import lag_metrics
-from megatron_vespo.orchestration.collect import sample_metrics
+from megatron_vespo.orchestration.collect import multi_version_frac, sample_metrics  # noqa: F401 (re-exported)
 from megatron_vespo.orchestration.weight_load import BackgroundLoad, ParamsGate, PausedDiskLoad, deferred_update
 from megatron_vespo.orchestration.weight_load import overlap_weight_load as resolve_overlap
-from megatron_vespo.types import Sample
 from megatron_vespo.utils.imports import require
 
 if TYPE_CHECKING:
@@ -83,11 +81,6 @@ def init_ray(ray: Any, address: Optional[str], num_cpus: int) -> None:
         logger.info("started a local Ray with %d CPUs", num_cpus)
 
 
-def multi_version_frac(samples: list[Sample]) -> float:
-    """Share of the samples whose generation spanned a weight update (more than one weight version)."""
-    return sum(len(s.metadata.get("weight_versions") or ()) > 1 for s in samples) / len(samples)
-
-
 def overlap_metrics(before: dict, after: dict) -> dict[str, float]:
     """From two worker ``stats`` snapshots bracketing a training step: how much generation overlapped it.
 
@@ -107,20 +100,22 @@ def overlap_metrics(before: dict, after: dict) -> dict[str, float]:
 
 
 def pull_groups(ray: Any, worker: Any, n_groups: int, version: int,
-                ahead: Any = None) -> tuple[list[list[Sample]], dict, dict, Optional[int]]:
-    """Rank 0: wait for ``n_groups`` usable groups -> (groups, metrics with ``time/wait_s``, worker stats, batch id).
+                ahead: Any = None) -> tuple[Any, dict, dict, Optional[int]]:
+    """Rank 0: wait for ``n_groups`` usable groups -> (train batch, metrics with ``time/wait_s``, stats, batch id).
 
-    ``ahead``: a ``take`` sent before the previous batch trained (its answer is usually there
-    already); when it came back empty the groups are asked for again. Every take holds its
-    batch as pending until the snapshot after its training (``RolloutWorker.snapshot``).
+    The worker collates the batch (``take(collate_batch=True)``): only its tensors cross from
+    the worker. ``ahead``: a ``take`` sent before the previous batch trained (its answer is
+    usually there already); when it came back empty the groups are asked for again. Every take
+    holds its batch as pending until the snapshot after its training (``RolloutWorker.snapshot``).
     """
     t0 = last_log = time.perf_counter()
     while True:
-        res = ray.get(ahead) if ahead is not None else ray.get(worker.take.remote(n_groups, version, POLL_S, True))
+        res = ray.get(ahead) if ahead is not None else ray.get(
+            worker.take.remote(n_groups, version, POLL_S, True, collate_batch=True))
         ahead = None
-        if res["groups"]:
-            return (res["groups"], {**res["metrics"], "time/wait_s": time.perf_counter() - t0}, res.get("stats", {}),
-                    res.get("batch"))
+        if res.get("train_batch") is not None:
+            return (res["train_batch"], {**res["metrics"], "time/wait_s": time.perf_counter() - t0},
+                    res.get("stats", {}), res.get("batch"))
         if time.perf_counter() - last_log > 60:
             last_log = time.perf_counter()
             logger.warning("waited %.0fs for rollout data: %s", last_log - t0, res.get("stats"))
@@ -263,18 +258,14 @@ def _pull(ray: Any, worker: Any, n_groups: int, version: int, max_lag: int, ahea
     and the next pull mostly finds the answer waiting (the round trip and the wait for the
     last groups leave the trainer's path). The lag filter is the same as a take after the update,
     as versions only grow. "Stats before training" are then asked for separately (the held
-    batch left the buffer during the previous update).
+    batch left the buffer during the previous update). The worker filters, collates and computes
+    the batch's lag metrics with its own ``max_policy_lag`` (the job's ``max_lag``).
     """
-    from megatron_vespo.buffer import collate
-
     from_ahead = ahead is not None
-    groups, metrics, stats, held = pull_groups(ray, worker, n_groups, version, ahead)
-    samples = [x for g in groups for x in g]
-    metrics.update({**lag_metrics(groups, version, max_lag), **sample_metrics(samples),
-                    "async/multi_version_frac": multi_version_frac(samples)})
-    nxt = worker.take.remote(n_groups, version + 1, POLL_S, True) if ask_ahead else None
+    batch, metrics, stats, held = pull_groups(ray, worker, n_groups, version, ahead)
+    nxt = worker.take.remote(n_groups, version + 1, POLL_S, True, collate_batch=True) if ask_ahead else None
     before = worker.stats.remote() if from_ahead else stats
-    return collate(samples), None, (metrics, before, held, nxt)
+    return batch, None, (metrics, before, held, nxt)
 
 
 def _ask_snapshot(worker: Any, trained: Optional[int] = None) -> Any:

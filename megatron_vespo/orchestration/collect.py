@@ -53,6 +53,11 @@ def sample_metrics(samples: list[Sample]) -> dict[str, float]:
     }
 
 
+def multi_version_frac(samples: list[Sample]) -> float:
+    """Share of the samples whose generation spanned a weight update (more than one weight version)."""
+    return sum(len(s.metadata.get("weight_versions") or ()) > 1 for s in samples) / len(samples)
+
+
 def collect_rollout(router: EngineRouter, run: Callable, dataset: PromptDataset, cfg: RolloutConfig,
                     rollout_batch_size: int, reward_fn: RewardFn, *,
                     max_attempts: int = 4) -> tuple[list[Sample], dict]:

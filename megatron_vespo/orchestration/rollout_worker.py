@@ -199,7 +199,8 @@ class RolloutWorker:
         if self._error is not None:
             raise RolloutWorkerError(f"rollout worker failed: {self._error}")
 
-    async def take(self, n_groups: int, current_version: int, timeout_s: float, hold: bool = False) -> dict[str, Any]:
+    async def take(self, n_groups: int, current_version: int, timeout_s: float, hold: bool = False,
+                   collate_batch: bool = False) -> dict[str, Any]:
         """Wait up to ``timeout_s`` for ``n_groups`` groups with lag <= L at ``current_version``.
 
         Returns ``{"groups": [...] (empty on timeout), "metrics": {...}, "stats": stats_now(),
@@ -208,6 +209,10 @@ class RolloutWorker:
         ``current_version`` is the version the batch will be trained at (the trainer may ask for
         the next batch before its current update ends). With ``hold`` the batch's prompts stay
         pending in ``state_dict`` until ``snapshot(trained=id)`` reports it trained.
+        With ``collate_batch`` a batch comes as ``"train_batch"`` (``buffer.collate`` of its
+        samples: GRPO advantages, pad id 0, as the async loop trains) with the batch's lag and
+        sample metrics in ``"metrics"``, and ``"groups"`` is None: the collation runs here, in
+        the worker's process, while the trainer trains, and only tensors cross to the trainer.
         Raises ``RolloutWorkerError`` when generation failed.
         """
         self._check()
@@ -237,8 +242,22 @@ class RolloutWorker:
         batch = next(self._batch_ids)
         if hold:
             self._held[batch] = [int(g[0].metadata["prompt_index"]) for g in res.groups]
-        return {"groups": res.groups, "metrics": self._interval_metrics(fill), "stats": self.stats_now(),
-                "batch": batch}
+        out = {"groups": res.groups, "metrics": self._interval_metrics(fill), "stats": self.stats_now(),
+               "batch": batch}
+        if collate_batch:
+            out.update(self._collated(res.groups, current_version, out["metrics"]))
+        return out
+
+    def _collated(self, groups: list, version: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """``groups`` as the trainer's batch plus its lag / sample metrics (``take(collate_batch=True)``)."""
+        from megatron_vespo.buffer import collate
+        from megatron_vespo.orchestration.async_buffer import lag_metrics
+        from megatron_vespo.orchestration.collect import multi_version_frac, sample_metrics
+
+        samples = [x for g in groups for x in g]
+        metrics = {**metrics, **lag_metrics(groups, version, self.max_policy_lag), **sample_metrics(samples),
+                   "async/multi_version_frac": multi_version_frac(samples)}
+        return {"groups": None, "train_batch": collate(samples), "metrics": metrics}
 
     def _interval_metrics(self, fill: int) -> dict[str, float]:
         now, c = time.perf_counter(), self.stats_now()

@@ -11,6 +11,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.config.job import JobConfig
@@ -185,6 +186,43 @@ def test_worker_fills_the_buffer_to_its_bound_and_waits():
         assert stats["buffered"] == 4 and stats["inflight"] == 0 and stats["samples"] == 6 * N
         await w.stop()
     asyncio.run(go())
+
+
+def test_a_collated_take_is_the_trainers_collation_of_the_same_groups_with_their_metrics():
+    """take(collate_batch=True): the worker collates (only tensors cross to the trainer); the batch and
+    the lag / sample metrics are what the trainer computed from the groups before."""
+    from megatron_vespo.buffer import collate
+    from megatron_vespo.orchestration.async_buffer import lag_metrics
+    from megatron_vespo.orchestration.collect import multi_version_frac, sample_metrics
+
+    async def go():
+        router = FakeRouter()
+        w = _worker(router, b=2, lag=1)
+        await w.start()
+        await _settle()
+        plain = await w.take(2, current_version=0, timeout_s=1)
+        await w.set_version(1)
+        await _settle()
+        res = await w.take(2, current_version=1, timeout_s=1, collate_batch=True)
+        assert res["groups"] is None and res["batch"] is not None
+        direct = w._collated(plain["groups"], 0, {"kept": 1.0})  # what a collated take of those groups returns
+        await w.stop()
+        return plain, res, direct
+
+    plain, res, direct = asyncio.run(go())
+    assert "train_batch" not in plain  # the default answer is unchanged: groups
+    samples = [x for g in plain["groups"] for x in g]
+    ref = collate(samples)
+    for field in ("tokens", "loss_mask", "attention_lengths", "advantages", "rollout_log_probs", "group_index"):
+        a, b = getattr(direct["train_batch"], field), getattr(ref, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+    expected = {"kept": 1.0, **lag_metrics(plain["groups"], 0, 1), **sample_metrics(samples),
+                "async/multi_version_frac": multi_version_frac(samples)}
+    assert direct["metrics"] == expected and direct["groups"] is None
+    # through take: the batch of the groups it took, with the interval metrics as well
+    assert res["train_batch"].tokens.shape[0] == 2 * N
+    assert set(expected) - {"kept"} <= set(res["metrics"]) and "async/buffer_fill" in res["metrics"]
+    assert res["metrics"]["async/lag_max"] <= 1 and res["metrics"]["rollout/reward_mean"] == 0.5
 
 
 class BatchRecordingRouter(FakeRouter):
