@@ -208,6 +208,7 @@ class FakeSetup:
                  saves_at=None):
         self.job, self.log, self.engines, self.interrupt_at = job, log, engines, interrupt_at
         self.saves_at = saves_at
+        self.stage_fails_at = None  # the staging of this version raises (a full /dev/shm, say)
         self.stage_delay = stage_s  # seconds a staging takes (the guarded case: it runs in the background)
         self.rank0, self.version, self.start, self.state, self.data_state = True, 0, 0, None, {}
         self.dataset = None
@@ -259,6 +260,10 @@ class FakeSetup:
 
     def _stage(self, model, engines):  # tensor path: the staged buckets stand in as a directory
         time.sleep(self.stage_delay)
+        n = len([e for e in self.log if e[0] == "staged"]) + 1
+        if n == self.stage_fails_at:
+            self.log.append(("staging failed", n))
+            raise OSError("shared memory full")
         self.log.append(("staged", len([e for e in self.log if e[0] == "staged"]) + 1))
         self.log.append(("staged in", threading.current_thread() is threading.main_thread()))
         return type("Staged", (), {"stage_s": 0.0, "path": self.sync.disk.export(model, len(self.log))})()
@@ -407,6 +412,21 @@ def test_one_process_stages_in_the_background_and_the_next_optimizer_step_waits_
     assert all(r["time/params_wait_s"] > 0.1 for r in rows[1:])  # the steps of batches 2, 3 waited
     assert all(r["weight_sync/total_s"] >= r["time/params_wait_s"] for r in rows)
     assert log.index(("step", 3)) < log.index(("unhooked",))  # the hook is removed when the loop ends
+
+
+def test_a_failed_background_staging_releases_the_optimizer_and_fails_the_run_at_the_join(monkeypatch, tmp_path):
+    """The staging raising in the background must neither hang the next optimizer step (the gate is
+    released) nor be lost: the run fails at the next join, on every rank, and shuts down."""
+    log, run = _run(monkeypatch, tmp_path, rollouts=4, kind="tensor", guard=True, stage_s=0.2, hold_for=())
+    fake = setup.prepare_loop(None)  # the FakeSetup _run installed
+    fake.stage_fails_at = 2
+    with pytest.raises(RuntimeError, match="staging and engine load of version 2: OSError: shared memory full"):
+        run()
+    # batch 3 trained and its optimizer step ran (not blocked by the failed staging); the error came at
+    # rollout 3's join, before its staging, version 2 never reached the engines or the worker
+    assert log.index(("staging failed", 2)) < log.index(("step", 3)), log
+    assert ("save", 3, 3) not in log and ("set_version", 2) not in log
+    assert ("unhooked",) in log and log[-2:] == [("worker stop",), ("engines stop",)]
 
 
 def test_lag_zero_falls_back_to_the_synchronous_load(monkeypatch, tmp_path):
