@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Optional
 from megatron_vespo.checkpoint.faults import fault_point
 from megatron_vespo.config.base import ConfigError
 from megatron_vespo.config.job import JobConfig
-from megatron_vespo.orchestration.collect import multi_version_frac, sample_metrics  # noqa: F401 (re-exported)
 from megatron_vespo.orchestration.weight_load import BackgroundLoad, ParamsGate, PausedDiskLoad, deferred_update
 from megatron_vespo.orchestration.weight_load import overlap_weight_load as resolve_overlap
 from megatron_vespo.utils.imports import require
@@ -181,7 +180,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
         previous = None  # rank 0: the last iteration's (snapshot, stats before training), read one iteration late
         for it in range(s.start + 1, job.loop.num_rollouts + 1):
             t0 = time.perf_counter()
-            pull = partial(_pull, ray, worker, n_groups, version, L, ahead=ahead,
+            pull = partial(_pull, ray, worker, n_groups, version, ahead=ahead,
                            ask_ahead=it < job.loop.num_rollouts)
             batch, _, local = rank0_then_broadcast(rank0, pull, f"rollout {it}", actor=s.actor)
             rm, before, held, ahead = local if local is not None else ({}, {}, None, None)
@@ -249,7 +248,7 @@ def run_async(job: JobConfig) -> list[dict[str, float]]:
     return history
 
 
-def _pull(ray: Any, worker: Any, n_groups: int, version: int, max_lag: int, ahead: Any = None,
+def _pull(ray: Any, worker: Any, n_groups: int, version: int, ahead: Any = None,
           ask_ahead: bool = False) -> tuple[Any, None, tuple]:
     """Rank 0: the next rollout batch -> (batch, None, (metrics, stats before training, batch id, next take)).
 
@@ -259,7 +258,7 @@ def _pull(ray: Any, worker: Any, n_groups: int, version: int, max_lag: int, ahea
     last groups leave the trainer's path). The lag filter is the same as a take after the update,
     as versions only grow. "Stats before training" are then asked for separately (the held
     batch left the buffer during the previous update). The worker filters, collates and computes
-    the batch's lag metrics with its own ``max_policy_lag`` (the job's ``max_lag``).
+    the batch's lag metrics with its own ``max_policy_lag`` (the job's ``loop.max_policy_lag``).
     """
     from_ahead = ahead is not None
     batch, metrics, stats, held = pull_groups(ray, worker, n_groups, version, ahead)

@@ -33,8 +33,10 @@ import time
 from collections import deque
 from typing import Any, Optional, Sequence
 
+from megatron_vespo.buffer import collate
 from megatron_vespo.data import Prompt, PromptDataset
-from megatron_vespo.orchestration.async_buffer import GroupBuffer, StalenessGate
+from megatron_vespo.orchestration.async_buffer import GroupBuffer, StalenessGate, lag_metrics
+from megatron_vespo.orchestration.collect import multi_version_frac, sample_metrics
 from megatron_vespo.rewards import get_reward, score_samples
 from megatron_vespo.rollout.config import RolloutConfig
 from megatron_vespo.rollout.router import EngineRouter
@@ -250,10 +252,6 @@ class RolloutWorker:
 
     def _collated(self, groups: list, version: int, metrics: dict[str, float]) -> dict[str, Any]:
         """``groups`` as the trainer's batch plus its lag / sample metrics (``take(collate_batch=True)``)."""
-        from megatron_vespo.buffer import collate
-        from megatron_vespo.orchestration.async_buffer import lag_metrics
-        from megatron_vespo.orchestration.collect import multi_version_frac, sample_metrics
-
         samples = [x for g in groups for x in g]
         metrics = {**metrics, **lag_metrics(groups, version, self.max_policy_lag), **sample_metrics(samples),
                    "async/multi_version_frac": multi_version_frac(samples)}

@@ -252,6 +252,9 @@ class TensorWeightSync:
         plan = self._plan if world == 1 else None
         if plan is not None and plan.valid(self.staging):
             torch._foreach_copy_(plan.dsts, plan.srcs)  # one call: no Python per tensor, no GIL held while copying
+            # pickled anew every time, not cached: each pickling of a file_system-shared storage increfs
+            # it and each unpickling decrefs it (torch/multiprocessing/reductions.py, reduce_storage /
+            # rebuild_storage_filename, torch 2.13), so a reused payload would unbalance the count
             buckets = self.staging.buckets()
             return StagedWeights([[serialize(b)] for b in buckets], plan.nbytes, time.perf_counter() - t0)
         buckets = iter_hf_weights(model, self.dims, bucket_bytes=self.cfg.bucket_bytes, dtype=self.cfg.export_dtype)

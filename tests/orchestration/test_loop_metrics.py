@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_vespo.orchestration import async_loop, collect
+from megatron_vespo.orchestration import async_loop, collect, rollout_worker
 from megatron_vespo.orchestration.collect import sample_metrics
 from megatron_vespo.types import Sample, SampleStatus
 
@@ -24,10 +24,12 @@ def test_sample_metrics_by_hand():
 
 
 def test_both_loops_use_the_one_sample_metrics():
-    """The async loop reports the sync loop's rollout/* keys from the same function (plus its own)."""
-    assert async_loop.sample_metrics is collect.sample_metrics
+    """The async loop reports the sync loop's rollout/* keys from the same function (plus its own);
+    its batches are collated, and their metrics computed, by the rollout worker."""
+    assert rollout_worker.sample_metrics is collect.sample_metrics
+    assert rollout_worker.multi_version_frac is collect.multi_version_frac
     samples = [_sample(1.0, 3, versions=["1", "2"]), _sample(0.0, 3, version=2)]
-    assert async_loop.multi_version_frac(samples) == 0.5
+    assert collect.multi_version_frac(samples) == 0.5
 
 
 # ---------------------------------------------------------------- engine busy time (async/overlap_frac)

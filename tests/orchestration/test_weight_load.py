@@ -301,7 +301,7 @@ def _run(monkeypatch, tmp_path, *, lag=1, rollouts=3, fail_at=None, interrupt_at
     fake = FakeSetup(job, tmp_path, log, engines, interrupt_at=interrupt_at, eval_at=eval_at, guard=guard,
                      stage_s=stage_s, saves_at=saves_at)
 
-    def pull(ray, worker, n, version, max_lag, ahead=None, ask_ahead=False):
+    def pull(ray, worker, n, version, ahead=None, ask_ahead=False):
         return version + 1, None, ({"time/wait_s": 0.0}, {"clock_s": 0.0, "samples": 0, "engine_busy_s": []}, None,
                                    None)
 
